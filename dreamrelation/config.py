@@ -1,0 +1,147 @@
+"""Frozen configuration dataclasses of the model library.
+
+Each component's architecture is a small dataclass, validated in ``__post_init__`` with errors that name the
+argument at fault. ``real()`` gives the public checkpoint's numbers (REFERENCE.md section 2); the tiny preset
+builds the same classes at miniature width (``dreamrelation.tiny``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+# Token layout fed to every UNet cross-attention: [77 text | 4 dummy | 16 per subject].
+NUM_DUMMY_TOKENS = 4
+TOKENS_PER_SUBJECT = 16
+LOCAL_GRID = 4  # 4x4 roi pooling -> 16 local tokens per subject image
+
+
+def _positive(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+class _Dict:
+    """to_dict / from_dict for JSON files (unknown keys are an error that names them)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown keys {unknown}; expected a subset of {sorted(known)}")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class ResamplerConfig(_Dict):
+    """Grounding Resampler (MS-Diffusion ID extractor). Defaults are the public checkpoint's."""
+
+    dim: int = 1280
+    depth: int = 4
+    dim_head: int = 64
+    heads: int = 20
+    num_queries: int = TOKENS_PER_SUBJECT
+    embedding_dim: int = 1664  # width of the image tokens coming in (CLIP ViT-bigG)
+    output_dim: int = 2048  # UNet cross-attention width
+    ff_mult: int = 4
+    phrase_dim: int = 768  # CLIP-L pooler_output of the subject phrase
+    fourier_freqs: int = 8
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            _positive(f.name, getattr(self, f.name))
+
+
+@dataclass(frozen=True)
+class EncoderConfig(_Dict):
+    """Subject image encoder: global CLIP tokens at ``image_size``, local tokens at ``local_image_size``."""
+
+    image_size: int = 224
+    local_image_size: int = 896
+    subject_resize: int = 512  # subject images are resized to this square before the CLIP processor
+    use_local_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("image_size", "local_image_size", "subject_resize"):
+            _positive(name, getattr(self, name))
+
+
+@dataclass(frozen=True)
+class AdapterConfig(_Dict):
+    """ImagePromptAdapter = Resampler + dummy tokens + per-layer to_k_ip / to_v_ip."""
+
+    resampler: ResamplerConfig = field(default_factory=ResamplerConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    num_dummy_tokens: int = NUM_DUMMY_TOKENS
+    scale: float = 0.6
+
+    def __post_init__(self) -> None:
+        _positive("num_dummy_tokens", self.num_dummy_tokens)
+        if not 0.0 <= float(self.scale) <= 10.0:
+            raise ValueError(f"scale must be in [0, 10], got {self.scale!r}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "AdapterConfig":
+        data = dict(data)
+        unknown = sorted(set(data) - {"resampler", "encoder", "num_dummy_tokens", "scale"})
+        if unknown:
+            raise ValueError(f"AdapterConfig: unknown keys {unknown}")
+        return cls(
+            resampler=ResamplerConfig.from_dict(data.pop("resampler", {})),
+            encoder=EncoderConfig.from_dict(data.pop("encoder", {})),
+            **data,
+        )
+
+
+@dataclass(frozen=True)
+class LoRAConfig(_Dict):
+    """Relation LoRA: rank 4 on the text-facing projections of every cross-attention (paper 3.4.1)."""
+
+    rank: int = 4
+    alpha: float = 4.0
+    target_modules: tuple[str, ...] = ("attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")
+    init: str = "gaussian"
+
+    def __post_init__(self) -> None:
+        _positive("rank", self.rank)
+        if not self.target_modules:
+            raise ValueError("target_modules must name at least one module, got ()")
+
+
+@dataclass(frozen=True)
+class SamplingConfig(_Dict):
+    """Inference defaults (REFERENCE.md section 2; the paper's evaluation settings)."""
+
+    steps: int = 30
+    guidance: float = 5.0
+    scale: float = 0.6
+    width: int = 1024
+    height: int = 1024
+    negative_prompt: str = "monochrome, lowres, bad anatomy, worst quality, low quality"
+
+    def __post_init__(self) -> None:
+        _positive("steps", self.steps)
+        for name in ("width", "height"):
+            v = getattr(self, name)
+            _positive(name, v)
+            if v % 8:
+                raise ValueError(f"{name} must be divisible by 8, got {v}")
+
+
+@dataclass(frozen=True)
+class ModelSpec(_Dict):
+    """Where the weights of a model come from: hub ids or local paths.
+
+    ``base`` is a diffusers SDXL folder or hub id; ``image_encoder`` a CLIPVisionModelWithProjection folder or hub id
+    (None: the base folder's ``image_encoder/``); ``adapter`` a folder with ``adapter_config.json`` + weights, a
+    checkpoint file, or ``hub_id/filename``; ``local_encoder`` an optional CLIPSelf-format checkpoint for local tokens.
+    """
+
+    base: str
+    adapter: str
+    image_encoder: str | None = None
+    local_encoder: str | None = None
