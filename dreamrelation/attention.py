@@ -112,6 +112,23 @@ def image_attention_bias(
     return bias[:, None], inside_any[..., None].to(dtype)  # (B, 1, L, T), (B, L, 1)
 
 
+def layout_masks(
+    boxes: torch.Tensor, latent_hw: Sequence[int], dtype: torch.dtype = torch.float32, levels: int = 4
+) -> dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`image_attention_bias` for the latent grid and each of its ``levels`` halvings, keyed by (h, w).
+
+    A pipeline computes these once per call and passes them as ``ip_masks``, so that the 70 attention layers of
+    every denoising step reuse them instead of rebuilding the masks (on a GPU at batch 1 the small mask kernels
+    otherwise cost as much as the attention itself).
+    """
+    h, w = int(latent_hw[0]), int(latent_hw[1])
+    out = {}
+    for _ in range(levels + 1):
+        out[(h, w)] = image_attention_bias(boxes, h, w, dtype=dtype)
+        h, w = -(-h // 2), -(-w // 2)  # ceil: diffusers' stride-2 downsampling
+    return out
+
+
 def _gamma(
     ip_scale: float | torch.Tensor | None, default: float, batch: int, device: torch.device, dtype: torch.dtype
 ) -> float | torch.Tensor:
@@ -171,8 +188,12 @@ class MaskedParallelAttnProcessor(nn.Module):
         ip_boxes: torch.Tensor | None = None,
         latent_hw: Sequence[int] | None = None,
         ip_scale: float | torch.Tensor | None = None,
+        ip_masks: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> torch.Tensor:
-        """Attention of ``attn`` on ``hidden_states``; image tokens (B, 4 + 16N, D) and boxes (B, N, 4) optional."""
+        """Attention of ``attn`` on ``hidden_states``; image tokens (B, 4 + 16N, D) and boxes (B, N, 4) optional.
+
+        ``ip_masks``: optional :func:`layout_masks` of ``ip_boxes`` (precomputed once per pipeline call).
+        """
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -222,7 +243,9 @@ class MaskedParallelAttnProcessor(nn.Module):
             if not (isinstance(gamma, float) and gamma == 0.0):
                 # a 4-d input carries its own grid; a sequence needs latent_hw to recover it
                 grid = (height, width) if input_ndim == 4 else layer_hw(latent_hw, query.shape[2])
-                out = out + gamma * self._image_attention(attn, query, ip_hidden_states, ip_boxes, grid, head_dim)
+                masks = ip_masks.get(grid) if ip_masks else None
+                out = out + gamma * self._image_attention(attn, query, ip_hidden_states, ip_boxes, grid, head_dim,
+                                                          masks)
 
         out = attn.to_out[0](out)  # linear proj
         out = attn.to_out[1](out)  # dropout
@@ -240,6 +263,7 @@ class MaskedParallelAttnProcessor(nn.Module):
         ip_boxes: torch.Tensor | None,
         grid: tuple[int, int],
         head_dim: int,
+        masks: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """inside_any * box-masked image attention on the layer's (h, w) ``grid``: (B, L, C), before to_out."""
         assert self.to_k_ip is not None and self.to_v_ip is not None
@@ -261,8 +285,9 @@ class MaskedParallelAttnProcessor(nn.Module):
                 f"subjects, which needs {NUM_DUMMY_TOKENS} + {TOKENS_PER_SUBJECT} * {ip_boxes.shape[1]} = {num_tokens}"
             )
 
-        h, w = grid
-        bias, inside_any = image_attention_bias(ip_boxes.to(query.device), h, w, dtype=query.dtype)  # (B, 1, L, T), (B, L, 1)
+        if masks is None:
+            masks = image_attention_bias(ip_boxes.to(query.device), *grid, dtype=query.dtype)
+        bias, inside_any = masks  # (B, 1, L, T), (B, L, 1)
 
         ip_hidden_states = ip_hidden_states.to(dtype=self.to_k_ip.weight.dtype)
         ip_key = self.to_k_ip(ip_hidden_states).to(query.dtype)  # (B, T, C)

@@ -21,6 +21,7 @@ from diffusers import StableDiffusionXLPipeline
 from diffusers.utils import BaseOutput
 
 from .adapter import ImagePromptAdapter
+from .attention import layout_masks
 from .config import SamplingConfig
 
 logger = logging.getLogger(__name__)
@@ -87,9 +88,18 @@ class DreamRelationPipeline(StableDiffusionXLPipeline):
         """
         if not relation:
             raise ValueError(f"relation must be a non-empty id, got {relation!r}")
-        if isinstance(lora, dict):
-            lora = dict(lora)  # diffusers pops keys from the dict it is given
-        self.load_lora_weights(lora, adapter_name=relation, hotswap=hotswap)
+        state, alphas, metadata = self.lora_state_dict(
+            dict(lora) if isinstance(lora, dict) else lora, unet_config=self.unet.config, return_lora_metadata=True
+        )
+        if not state or not all("lora" in k for k in state):
+            raise ValueError(f"relation LoRA {relation!r} is not a LoRA state dict (every key must contain 'lora'; "
+                             f"first keys: {list(state)[:3]})")
+        text_keys = [k for k in state if k.startswith("text_encoder")]
+        if text_keys:  # relation LoRAs adapt the UNet only (paper 3.4.1)
+            logger.warning("relation LoRA %r: ignoring %d text-encoder keys", relation, len(text_keys))
+            state = {k: v for k, v in state.items() if not k.startswith("text_encoder")}
+        self.load_lora_into_unet(state, network_alphas=alphas, unet=self.unet, adapter_name=relation,
+                                 metadata=metadata, _pipeline=self, hotswap=hotswap)
 
     def unload_relation_lora(self, relation: str) -> None:
         if relation not in self.loaded_relations():
@@ -291,7 +301,8 @@ class DreamRelationPipeline(StableDiffusionXLPipeline):
         if do_cfg:
             prompt_embeds = torch.cat([neg_embeds, prompt_embeds])
             pooled = torch.cat([neg_pooled, pooled])
-        attn_kwargs = {"ip_hidden_states": ip_tokens, "ip_boxes": box_t, "latent_hw": latent_hw, "ip_scale": ip_scale}
+        attn_kwargs = {"ip_hidden_states": ip_tokens, "ip_boxes": box_t, "latent_hw": latent_hw, "ip_scale": ip_scale,
+                       "ip_masks": layout_masks(box_t, latent_hw, dtype)}  # masks built once, not per layer
         added = {"text_embeds": pooled, "time_ids": add_time_ids}
 
         # 7. Denoising loop

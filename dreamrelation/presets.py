@@ -93,12 +93,12 @@ def load_pipeline(preset: str | ModelSpec = "tiny", device: str | torch.device =
     from .pipeline import DreamRelationPipeline
 
     spec = preset if isinstance(preset, ModelSpec) else resolve_spec(preset)
-    base = StableDiffusionXLPipeline.from_pretrained(spec.base, torch_dtype=dtype, add_watermarker=False)
+    base = StableDiffusionXLPipeline.from_pretrained(spec.base, dtype=dtype, add_watermarker=False)
     vision = base.image_encoder
     if spec.image_encoder is not None or vision is None:
         if spec.image_encoder is None:
             raise ValueError(f"model {spec.base!r} has no image_encoder/ folder and the spec names none")
-        vision = CLIPVisionModelWithProjection.from_pretrained(spec.image_encoder, torch_dtype=dtype)
+        vision = CLIPVisionModelWithProjection.from_pretrained(spec.image_encoder, dtype=dtype)
     adapter_ref = _local_file(spec.adapter)
     adapter_dir = adapter_ref if adapter_ref.is_dir() else adapter_ref.parent
     weights = None if adapter_ref.is_dir() else adapter_ref

@@ -423,3 +423,16 @@ def test_in_tiny_unet_non_square(diffusers_warnings):
     assert diffusers_warnings == []
     with pytest.raises(ValueError, match="latent_hw"), torch.no_grad():  # attention runs at 8x6: not a square
         unet(sample, t, encoder_hidden_states=text, cross_attention_kwargs={"ip_hidden_states": ip, "ip_boxes": boxes})
+
+
+def test_precomputed_layout_masks_give_the_same_output():
+    from dreamrelation.attention import layout_masks
+
+    attn, proc = make_attn(), make_proc()
+    x, text, ip = make_inputs(2, 6 * 4, 2)
+    boxes = torch.tensor([[[0.0, 0.0, 0.6, 1.0], [0.4, 0.2, 1.0, 0.9]], [[0.1, 0.1, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0]]])
+    masks = layout_masks(boxes, (12, 8))
+    assert set(masks) == {(12, 8), (6, 4), (3, 2), (2, 1), (1, 1)}
+    kw = {"ip_hidden_states": ip, "ip_boxes": boxes, "latent_hw": (12, 8)}
+    torch.testing.assert_close(run(attn, proc, x, text, ip_masks=masks, **kw), run(attn, proc, x, text, **kw),
+                               **EXACT)
