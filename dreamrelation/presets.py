@@ -36,9 +36,9 @@ def cache_root() -> Path:
 
 def tiny_model_dir(seed: int = 0) -> Path:
     """The tiny model's folder, built on first use (atomically: a half-built folder is never visible)."""
-    from .tiny import build_tiny
+    from .tiny import TINY_VERSION, build_tiny
 
-    target = cache_root() / f"tiny-seed{seed}"
+    target = cache_root() / f"tiny-v{TINY_VERSION}-seed{seed}"
     if (target / "adapter" / "ms_adapter.safetensors").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ from .config import AdapterConfig, EncoderConfig, ResamplerConfig
 logger = logging.getLogger(__name__)
 
 TINY_SEED = 0
+TINY_VERSION = 1  # bump whenever the build changes: cached tiny folders are keyed by it
 TEXT_WIDTH = 32  # both tiny text encoders; the UNet cross-attention width is their concatenation
 VISION_WIDTH = 32
 

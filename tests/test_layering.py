@@ -1,0 +1,117 @@
+"""Imports point one way only (ARCHITECTURE.md "Layering"); the CLI's --help stays free of heavy libraries.
+
+Every import statement is read with ``ast`` (module level and inside functions alike, plus
+``importlib.import_module("...")`` / ``__import__("...")`` with a literal name), so a lazy import breaks a rule too.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("dreamrelation", "manifests", "batch", "cluster")
+HEAVY = ("torch", "diffusers", "transformers", "ray")
+
+# layer -> top-level modules it must never import
+FORBIDDEN = {
+    "manifests": {"torch", "diffusers", "transformers", "peft", "ray", "batch", "cluster"},
+    "dreamrelation": {"ray", "pydantic", "batch", "cluster", "manifests"},
+    "batch": {"cluster"},
+    "cluster": {"batch"},
+}
+
+
+def _layer_files() -> dict[str, list[Path]]:
+    files = {pkg: sorted((ROOT / pkg).rglob("*.py")) for pkg in PACKAGES}
+    files["cli"] = [ROOT / "cli.py"]
+    return files
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported_modules(path: Path, source: str | None = None) -> set[str]:
+    """Absolute names of every module ``path`` imports (relative imports resolved against its package)."""
+    tree = ast.parse(path.read_text() if source is None else source, filename=str(path))
+    module = _module_name(path)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                names.add(".".join([*base, node.module] if node.module else base))
+            else:
+                names.add(node.module or "")
+        elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) \
+                and isinstance(node.args[0].value, str):
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+            if name in ("import_module", "__import__"):
+                names.add(node.args[0].value)
+    return names
+
+
+def _violations(layer: str, banned: set[str]) -> list[str]:
+    return [f"{path.relative_to(ROOT)} imports {name}"
+            for path in _layer_files()[layer] for name in sorted(imported_modules(path))
+            if name.split(".")[0] in banned]
+
+
+def test_every_layer_has_files():
+    files = _layer_files()
+    for layer in (*PACKAGES, "cli"):
+        assert files[layer], f"no .py files found for layer {layer!r} under {ROOT}"
+
+
+@pytest.mark.parametrize("layer", sorted(FORBIDDEN))
+def test_layer_imports_point_one_way(layer):
+    assert _violations(layer, FORBIDDEN[layer]) == []
+
+
+def test_nothing_imports_cli():
+    offenders = [str(path.relative_to(ROOT)) for layer in PACKAGES for path in _layer_files()[layer]
+                 if any(name.split(".")[0] == "cli" for name in imported_modules(path))]
+    assert offenders == [], "the CLI is the top layer; these modules import it"
+
+
+def test_import_scanner_sees_lazy_and_relative_imports():
+    """The checker itself: function-level, relative and importlib imports are all found."""
+    source = ("from .config import LoRAConfig\nfrom . import tiny\nfrom ..batch import job\n"
+              "def f():\n    import ray.data\n    import importlib\n    importlib.import_module('pydantic')\n")
+    found = imported_modules(ROOT / "dreamrelation" / "probe.py", source)
+    assert found >= {"dreamrelation.config", "dreamrelation", "batch", "ray.data", "importlib", "pydantic"}
+    assert _module_name(ROOT / "dreamrelation" / "__init__.py") == "dreamrelation"
+
+
+def _run(code_or_args: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), "COLUMNS": "120"}
+    return subprocess.run([sys.executable, *code_or_args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_cli_module_level_imports_are_light():
+    probe = f"import cli, sys; print(sorted(m for m in {HEAVY!r} if m in sys.modules))"
+    done = _run(["-c", probe])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]", f"importing cli pulls in {done.stdout.strip()}"
+
+
+def test_cli_help_lists_the_commands():
+    done = _run(["cli.py", "--help"])
+    assert done.returncode == 0, done.stderr
+    for command in ("generate", "models"):
+        assert command in done.stdout
+    done = _run(["cli.py", "models", "--help"])
+    assert done.returncode == 0, done.stderr
+    assert "build-tiny" in done.stdout
