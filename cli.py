@@ -254,5 +254,189 @@ def generate(
         typer.echo(path)
 
 
+batch_app = typer.Typer(help="Batch generation on Ray: Parquet manifests in, images and per-row metrics out.",
+                        no_args_is_help=True)
+manifest_app = typer.Typer(help="Build and validate Parquet manifests of (subjects, relation, layout) rows.",
+                           no_args_is_help=True)
+app.add_typer(batch_app, name="batch")
+app.add_typer(manifest_app, name="manifest")
+
+
+@batch_app.command("submit")
+def batch_submit(
+    manifest: Annotated[str, typer.Argument(help="Parquet manifest: a path or any fsspec URL (s3://, gs://, ...).")],
+    output: Annotated[str, typer.Option(help="Output root (path or URL): images/, results/, rejected.parquet, "
+                                             "run.json, report.html.")] = "outputs/batch",
+    preset: Annotated[str, typer.Option(help="'tiny' (built-in miniature model, noise images), 'sdxl' (public "
+                                             "weights) or a model folder.")] = "tiny",
+    loras: Annotated[Optional[str], typer.Option(
+        help="LoRA registry root: {loras}/{relation}/pytorch_lora_weights.safetensors or {loras}/registry.json. "
+             "Default: manifests/examples/loras when the manifest is the example one, else none.")] = None,
+    actors: Annotated[int, typer.Option(help="Generation actors (one model each; one GPU each on GPUs).")] = 1,
+    gpus_per_actor: Annotated[Optional[float], typer.Option(
+        help="GPUs per actor (default: 1 when the cluster has GPUs, else 0).")] = None,
+    cpus_per_actor: Annotated[Optional[float], typer.Option(
+        help="CPUs per actor (default: 0.5 without GPUs, so that Ray Data keeps CPUs for its own tasks).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Rows per actor call; rows sharing relation, subject count, size "
+                                                 "and steps denoise together.")] = 4,
+    max_batch_images: Annotated[int, typer.Option(help="Images denoised together in one pipeline call.")] = 4,
+    address: Annotated[Optional[str], typer.Option(
+        help="Ray cluster address (ray://host:10001 or auto); default: a local Ray started in-process.")] = None,
+    resume: Annotated[bool, typer.Option(help="Skip rows that already have a result under OUTPUT.")] = True,
+    metrics: Annotated[bool, typer.Option(help="Score each image (CLIP-T, CLIP-R, CLIP-I, DINO).")] = True,
+    lora_cache_size: Annotated[int, typer.Option(help="Relation LoRAs each actor keeps in memory.")] = 8,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+) -> None:
+    """Generate every row of MANIFEST on a Ray actor pool; write images, per-row results and run.json.
+
+    Invalid rows go to OUTPUT/rejected.parquet with the field and the reason; the other rows go on.
+    Submitting again resumes: rows that already have a result are skipped.
+    """
+    from manifests.io import ManifestError
+
+    for name, value in (("--actors", actors), ("--batch-size", batch_size), ("--max-batch-images", max_batch_images),
+                        ("--lora-cache-size", lora_cache_size)):
+        if value < 1:
+            _fail(f"{name} must be >= 1, got {value}")
+    logging.basicConfig(level=logging.WARNING)
+    from tqdm import tqdm
+
+    from batch.job import JobConfig, submit
+    from batch.worker import WorkerConfig
+
+    if loras is None:
+        loras = _default_loras(manifest)
+    worker = WorkerConfig(output=output, preset=preset, loras=loras, device=device, metrics=metrics,
+                          max_batch_images=max_batch_images, lora_cache_size=lora_cache_size)
+    config = JobConfig(manifest=manifest, output=output, worker=worker, preset=preset, loras=loras, actors=actors,
+                       gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, batch_size=batch_size,
+                       address=address, resume=resume)
+    bar = tqdm(total=0, unit="row", desc="generating")
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    try:
+        summary = submit(config, progress=progress)
+    except ManifestError as exc:
+        _fail(str(exc))
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+    finally:
+        bar.close()
+    from batch.report import render_report
+
+    report = render_report(output)
+    typer.echo(f"read {summary['read']}  accepted {summary['accepted']}  rejected {summary['rejected']}  "
+               f"skipped {summary['skipped']}  ok {summary['ok']}  error {summary['error']}  "
+               f"images {summary['images']}  ({summary['images_per_second']} images/s)")
+    if summary["rejected"]:
+        typer.echo(f"rejected rows and reasons: {output.rstrip('/')}/rejected.parquet")
+    typer.echo(f"report: {report}")
+
+
+def _default_loras(manifest: str) -> str | None:
+    """The example manifest ships with example relation LoRAs for the tiny model beside it."""
+    folder = Path(manifest).resolve().parent
+    candidate = folder / "loras"
+    return str(candidate) if "://" not in manifest and candidate.is_dir() else None
+
+
+@batch_app.command("status")
+def batch_status(output: Annotated[str, typer.Argument(help="Output root of a run.")]) -> None:
+    """Counts of a run: rows with results (ok / error), images, rejected rows, mean metrics."""
+    from batch.report import status
+
+    try:
+        st = status(output)
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+    typer.echo(json.dumps(st, indent=2))
+
+
+@batch_app.command("report")
+def batch_report(output: Annotated[str, typer.Argument(help="Output root of a run.")]) -> None:
+    """Write OUTPUT/report.html: every image with its prompt, relation, subjects and metrics (sortable)."""
+    from batch.report import render_report
+
+    try:
+        typer.echo(render_report(output))
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+
+
+@manifest_app.command("validate")
+def manifest_validate(
+    uri: Annotated[str, typer.Argument(help="Parquet manifest (path or fsspec URL).")],
+    loras: Annotated[Optional[str], typer.Option(help="LoRA registry root: rows with an unknown relation are "
+                                                      "reported.")] = None,
+    check_images: Annotated[bool, typer.Option(help="Check that subject images exist and are images.")] = True,
+) -> None:
+    """Print a per-row report (OK or the field and reason); exit 1 when any row is rejected."""
+    from manifests.io import ManifestError, check_image_file, manifest_report, read_manifest_table, validate_table
+    from manifests.registry import LoRARegistry
+
+    try:
+        table = read_manifest_table(uri)
+    except ManifestError as exc:
+        _fail(str(exc))
+    registry = LoRARegistry(loras) if loras else None
+    rows, rejected = validate_table(table, check_image=check_image_file if check_images else None,
+                                    known_relations=registry.has if registry else None, base_uri=uri)
+    typer.echo(manifest_report(rows, rejected))
+    if rejected:
+        raise typer.Exit(code=1)
+
+
+@manifest_app.command("build")
+def manifest_build(
+    source: Annotated[Path, typer.Argument(help="CSV or JSONL with one row per line (see README).")],
+    output: Annotated[str, typer.Argument(help="Parquet manifest to write (path or URL).")],
+) -> None:
+    """Build a Parquet manifest from CSV or JSONL; invalid rows are reported and the command fails."""
+    from manifests.io import manifest_from_records, manifest_report, validate_records, write_manifest
+
+    if not source.is_file():
+        _fail(f"source not found: {str(source)!r}")
+    try:
+        records = manifest_from_records(source)
+    except ValueError as exc:
+        _fail(str(exc))
+    rows, rejected = validate_records(records)
+    if rejected:
+        typer.echo(manifest_report(rows, rejected), err=True)
+        _fail(f"{len(rejected)} of {len(records)} rows are invalid; nothing written")
+    write_manifest(rows, output)
+    typer.echo(f"{len(rows)} rows written to {output}")
+
+
+@manifest_app.command("relationbench")
+def manifest_relationbench(
+    subjects_dir: Annotated[Path, typer.Argument(help="Folder of subject images; the file name is the phrase "
+                                                      "(plushie_bear.png -> 'plushie bear').")],
+    output: Annotated[str, typer.Option(help="Parquet manifest to write.")] = "outputs/relationbench.parquet",
+    single: Annotated[int, typer.Option(help="Single-subject cases.")] = 100,
+    multi: Annotated[int, typer.Option(help="Two-subject cases.")] = 100,
+    seed: Annotated[int, typer.Option(help="Seed of the case draw.")] = 0,
+    width: Annotated[int, typer.Option(help="Image width.")] = 1024,
+    height: Annotated[int, typer.Option(help="Image height.")] = 1024,
+) -> None:
+    """RelationBench cases (the 25 templates of the paper's Table 10) with layouts, as a manifest."""
+    from manifests.io import write_manifest
+    from manifests.relationbench import build_cases, subjects_from_dir
+
+    if not subjects_dir.is_dir():
+        _fail(f"SUBJECTS_DIR not found: {str(subjects_dir)!r}")
+    subjects = subjects_from_dir(subjects_dir)
+    try:
+        rows = build_cases(subjects, n_single=single, n_multi=multi, seed=seed, width=width, height=height)
+    except ValueError as exc:
+        _fail(str(exc))
+    write_manifest(rows, output)
+    typer.echo(f"{len(rows)} cases written to {output}")
+
+
 if __name__ == "__main__":
     app()

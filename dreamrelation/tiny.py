@@ -17,7 +17,7 @@ from .config import AdapterConfig, EncoderConfig, ResamplerConfig
 logger = logging.getLogger(__name__)
 
 TINY_SEED = 0
-TINY_VERSION = 1  # bump whenever the build changes: cached tiny folders are keyed by it
+TINY_VERSION = 2  # bump whenever the build changes: cached tiny folders are keyed by it
 TEXT_WIDTH = 32  # both tiny text encoders; the UNet cross-attention width is their concatenation
 VISION_WIDTH = 32
 
@@ -108,11 +108,13 @@ def build_tiny(directory: str | Path, seed: int = TINY_SEED) -> Path:
 
     Layout: a diffusers SDXL folder (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder{,_2}/``,
     ``tokenizer{,_2}/``, ``scheduler/``, ``image_encoder/``) plus ``adapter/`` (``adapter_config.json`` and
-    ``ms_adapter.safetensors`` in MS-Diffusion's key layout).
+    ``ms_adapter.safetensors`` in MS-Diffusion's key layout) plus ``metrics/clip`` and ``metrics/dino`` (the tiny
+    CLIP and DINO that score images in the batch job).
     """
     from diffusers import StableDiffusionXLPipeline
 
     from .adapter import ImagePromptAdapter
+    from .metrics import METRICS_SUBDIR, build_tiny_metric_models
 
     directory = Path(directory)
     components = build_tiny_components(seed)
@@ -121,5 +123,6 @@ def build_tiny(directory: str | Path, seed: int = TINY_SEED) -> Path:
     torch.manual_seed(seed + 1)
     adapter = ImagePromptAdapter(TINY_ADAPTER, components["unet"])
     adapter.save_pretrained(directory / "adapter")
+    build_tiny_metric_models(directory / METRICS_SUBDIR, seed=seed)
     logger.info("tiny model written to %s", directory)
     return directory

@@ -54,3 +54,70 @@ def public_data() -> Path:
     if not PUBLIC_DATA.is_dir():
         pytest.skip(f"public sample data not found at {PUBLIC_DATA}")
     return PUBLIC_DATA
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server (moto) on 127.0.0.1 for the whole session; yields its endpoint URL.
+
+    Credentials and the endpoint go through the standard AWS environment variables, exactly as a user points the
+    project at MinIO or AWS: s3fs, pyarrow and Ray workers all read them.
+    """
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": endpoint, "AWS_EC2_METADATA_DISABLED": "true"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield endpoint
+    finally:
+        server.stop()
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    """A fresh bucket; yields ``s3://name``."""
+    import uuid
+
+    import s3fs
+
+    name = f"dr-{uuid.uuid4().hex[:12]}"
+    s3fs.S3FileSystem.clear_instance_cache()
+    fs = s3fs.S3FileSystem()
+    fs.mkdir(name)
+    fs.invalidate_cache()
+    return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def ray_local(_model_home, s3_server):
+    """A real local Ray cluster for the session (4 logical CPUs on any machine; actors take fractions).
+
+    Started after the S3 server so that its workers inherit the endpoint and credentials.
+    """
+    import tempfile
+
+    import ray
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    env = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "DREAMRELATION_"))}
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _temp_dir=temp,
+             runtime_env={"env_vars": env})
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,114 @@
+"""What happened in a run, for people: ``batch status`` (counts) and ``batch report`` (a static HTML gallery)."""
+
+from __future__ import annotations
+
+import html
+import json
+from collections import Counter
+from typing import Any
+
+from manifests import storage
+from manifests.io import read_manifest_table, read_results, table_to_rows
+
+METRICS = ("clip_t", "clip_r", "clip_i", "clip_i_crop", "dino")
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def load_run(output: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(run.json or {}, result rows deduplicated by row_id, last write wins)."""
+    run_uri = storage.join(output, "run.json")
+    run = json.loads(storage.read_bytes(run_uri)) if storage.exists(run_uri) else {}
+    table = read_results(storage.join(output, "results"))
+    rows: dict[str, dict] = {}
+    for r in table.to_pylist():
+        rows[r["row_id"]] = r
+    return run, list(rows.values())
+
+
+def status(output: str) -> dict[str, Any]:
+    """Counts of a run folder: rows with results (ok / error), images, rejected rows, the last run's summary."""
+    run, results = load_run(output)
+    if not run and not results:
+        raise FileNotFoundError(f"no run found at {output!r} (no run.json, no results/)")
+    counts = Counter(r["status"] for r in results)
+    rejected_uri = storage.join(output, "rejected.parquet")
+    rejected = 0
+    if storage.exists(rejected_uri):
+        from manifests.io import read_table
+
+        rejected = read_table(rejected_uri).num_rows
+    out = dict(output=output, rows_with_results=len(results), ok=counts.get("ok", 0), error=counts.get("error", 0),
+               images=sum(len(r["images"]) for r in results), rejected=rejected)
+    for m in METRICS:
+        mean = _mean([v for r in results for v in (r.get(m) or [])])
+        out[f"mean_{m}"] = round(mean, 2) if mean is not None else None
+    if run:
+        out["last_run"] = {k: run.get(k) for k in ("read", "accepted", "rejected", "skipped", "ok", "error", "images",
+                                                    "images_per_second", "lora_cache_hit_rate", "seconds_total")}
+    return out
+
+
+def _fmt(v: float | None) -> str:
+    return "" if v is None else f"{v:.1f}"
+
+
+def render_report(output: str) -> str:
+    """Write ``{output}/report.html`` (one card per image: prompt, relation, subjects, metrics; sortable) and
+    return its URI."""
+    run, results = load_run(output)
+    manifest_rows: dict[str, Any] = {}
+    if run.get("manifest"):
+        try:
+            manifest_rows = {r.row_id: r for r in table_to_rows(read_manifest_table(run["manifest"]),
+                                                              base_uri=run["manifest"])}
+        except Exception:  # the manifest may have moved: the report still shows results and metrics
+            manifest_rows = {}
+    st = status(output)
+    cards = []
+    for r in sorted(results, key=lambda r: r["row_id"]):
+        row = manifest_rows.get(r["row_id"])
+        prompt = row.prompt if row else ""
+        subjects = ", ".join(f"{s.phrase} {list(s.box)}" for s in row.subjects) if row else ""
+        for k, uri in enumerate(r["images"]):
+            rel = uri[len(output.rstrip("/")) + 1:] if uri.startswith(output.rstrip("/")) else uri
+            vals = {m: (r.get(m) or [None] * (k + 1))[k] if k < len(r.get(m) or []) else None for m in METRICS}
+            data = " ".join(f'data-{m.replace("_", "")}="{"" if v is None else f"{v:.4f}"}"' for m, v in vals.items())
+            metrics = " · ".join(f"{m.upper().replace('_', '-')} {_fmt(v)}" for m, v in vals.items() if v is not None)
+            cards.append(
+                f'<figure class="card" data-row="{html.escape(r["row_id"])}" {data}>'
+                f'<a href="{html.escape(rel)}"><img src="{html.escape(rel)}" loading="lazy"></a>'
+                f'<figcaption><b>{html.escape(r["row_id"])}</b> #{k} · <i>{html.escape(r.get("relation") or "no LoRA")}'
+                f'</i><br>{html.escape(prompt)}<br><small>{html.escape(subjects)}</small><br>'
+                f'<small>{html.escape(metrics)}</small></figcaption></figure>'
+            )
+    errors = [r for r in results if r["status"] != "ok"]
+    summary_rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
+                           for k, v in st.items() if k != "last_run")
+    error_rows = "".join(f"<tr><td>{html.escape(r['row_id'])}</td><td>{html.escape(r.get('error') or '')}</td></tr>"
+                         for r in errors)
+    options = "".join(f'<option value="{m.replace("_", "")}">{m.upper().replace("_", "-")}</option>' for m in METRICS)
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>dreamrelation run: {html.escape(output)}</title>
+<style>body{{font-family:sans-serif;margin:1.5em}} .grid{{display:flex;flex-wrap:wrap;gap:12px}}
+.card{{width:260px;margin:0;border:1px solid #ccc;padding:6px;font-size:13px}} .card img{{width:256px;height:auto;
+image-rendering:pixelated}} table{{border-collapse:collapse}} td,th{{border:1px solid #ddd;padding:3px 8px;
+text-align:left}}</style></head><body>
+<h1>Run {html.escape(output)}</h1><table>{summary_rows}</table>
+<h2>Errors ({len(errors)})</h2><table><tr><th>row_id</th><th>reason</th></tr>{error_rows}</table>
+<h2>Images ({len(cards)})</h2>
+<label>sort by <select id="key"><option value="row">row id</option>{options}</select></label>
+<div class="grid" id="grid">{''.join(cards)}</div>
+<script>
+document.getElementById('key').onchange = function() {{
+  const key = this.value, grid = document.getElementById('grid');
+  const cards = Array.from(grid.children);
+  cards.sort((a, b) => key === 'row' ? a.dataset.row.localeCompare(b.dataset.row)
+    : (parseFloat(b.dataset[key]) || -1) - (parseFloat(a.dataset[key]) || -1));
+  cards.forEach(c => grid.appendChild(c));
+}};
+</script></body></html>"""
+    uri = storage.join(output, "report.html")
+    storage.write_bytes_atomic(uri, page.encode())
+    return uri

@@ -1,0 +1,282 @@
+"""The plain core of a generation actor: manifest rows in, images written, result rows out. No Ray here.
+
+A :class:`Worker` holds the pipeline, a relation-LoRA cache, a subject-encoding cache and the metric models. For a
+list of rows it groups those that can denoise together (same relation, subject count, steps, size, guidance),
+generates, writes every image atomically to ``{output}/images/{row_id}/{k}.png``, scores it, and returns one
+:class:`~manifests.schema.ResultRow` per row. A failing row becomes a result with ``status="error"`` and the
+reason; its batch-mates go on. A failure of the whole process (model load, storage auth) raises.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from manifests import storage
+from manifests.io import image_uri, write_results
+from manifests.registry import LoRARegistry
+from manifests.schema import GenerationRow, ResultRow
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Everything an actor needs to build its worker (plain data: it travels to Ray actors)."""
+
+    output: str
+    preset: str = "tiny"
+    loras: str | None = None
+    device: str = "auto"  # "auto": cuda when available, else cpu
+    dtype: str = "auto"  # "auto": bfloat16 on cuda, float32 on cpu
+    max_batch_images: int = 4  # images denoised together in one pipeline call
+    lora_cache_size: int = 8
+    subject_cache_size: int = 256
+    metrics: bool = True
+    use_local_tokens: bool = True
+    compile_unet: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def results_uri(output: str, row_ids: list[str]) -> str:
+    """A deterministic name for the results of a set of rows: a retried batch overwrites, never duplicates."""
+    digest = hashlib.sha1("\n".join(sorted(row_ids)).encode()).hexdigest()[:20]
+    return storage.join(output, "results", f"part-{digest}.parquet")
+
+
+@dataclass
+class _Item:
+    """One image to make: row index, image index k, its seed."""
+
+    row: int
+    k: int
+    seed: int
+
+
+@dataclass
+class _RowState:
+    row: GenerationRow
+    relation_phrase: str
+    subject_images: list = field(default_factory=list)
+    subject_tokens: Any = None
+    subject_hits: int = 0
+    images: list = field(default_factory=list)  # (k, PIL) pairs
+    error: str | None = None
+    seconds: dict = field(default_factory=lambda: defaultdict(float))
+    lora_hit: bool | None = None
+
+
+class Worker:
+    """Build once per process (it loads the models); call :meth:`process` on lists of rows."""
+
+    def __init__(self, config: WorkerConfig):
+        import torch
+
+        from dreamrelation.presets import load_pipeline
+
+        from .cache import LoRACache, SubjectEncodingCache
+
+        self.config = config
+        device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = (getattr(torch, config.dtype) if config.dtype != "auto"
+                 else torch.bfloat16 if device.startswith("cuda") else torch.float32)
+        self.device = device
+        self.pipe = load_pipeline(config.preset, device=device, dtype=dtype)
+        self.pipe.set_progress_bar_config(disable=True)
+        if config.compile_unet:
+            self.pipe.unet = torch.compile(self.pipe.unet)
+        self.registry = LoRARegistry(config.loras)
+        self.loras = LoRACache(self.pipe, self.registry, capacity=config.lora_cache_size)
+        self.subjects = SubjectEncodingCache.for_pipeline(self.pipe, capacity=config.subject_cache_size,
+                                                          use_local_tokens=config.use_local_tokens)
+        self.scorer = None
+        if config.metrics:
+            from dreamrelation.metrics import MetricModels
+
+            self.scorer = MetricModels.for_preset(config.preset, device=device)
+
+    # ---- public ---------------------------------------------------------------------------------------------
+    def process(self, records: list[dict[str, Any]]) -> list[ResultRow]:
+        """Rows (dicts in the manifest schema) -> one ResultRow each, in the input order."""
+        states: list[_RowState | ResultRow] = []
+        for rec in records:
+            try:
+                row = rec if isinstance(rec, GenerationRow) else GenerationRow.model_validate(rec)
+            except Exception as exc:  # the driver validated already; this guards direct callers
+                states.append(_error_result(str(rec.get("row_id", "?")), f"invalid row: {exc}", rec.get("relation")))
+                continue
+            states.append(_RowState(row=row, relation_phrase=self._relation_phrase(row)))
+        live = [s for s in states if isinstance(s, _RowState)]
+        groups: dict[tuple, list[_RowState]] = defaultdict(list)
+        for s in live:
+            groups[s.row.batch_key()].append(s)
+        for key, group in groups.items():
+            self._run_group(group)
+        return [s if isinstance(s, ResultRow) else self._result(s) for s in states]
+
+    def process_and_write(self, records: list[dict[str, Any]]) -> list[ResultRow]:
+        """:meth:`process`, then the batch's result rows written atomically under ``{output}/results/``."""
+        results = self.process(records)
+        if results:
+            write_results(results, results_uri(self.config.output, [r.row_id for r in results]))
+        return results
+
+    def stats(self) -> dict[str, Any]:
+        return {"lora_cache": self.loras.stats(), "subject_cache": self.subjects.stats()}
+
+    # ---- steps ----------------------------------------------------------------------------------------------
+    def _relation_phrase(self, row: GenerationRow) -> str:
+        if row.relation_phrase:
+            return row.relation_phrase
+        from dreamrelation.relation_phrase import relation_phrase
+
+        return relation_phrase(row.prompt, [s.phrase for s in row.subjects])
+
+    def _load_subjects(self, s: _RowState) -> None:
+        """Read the subject images and encode them (through the content-hash cache)."""
+        from PIL import Image
+
+        t = time.perf_counter()
+        items = []
+        for j, subject in enumerate(s.row.subjects):
+            try:
+                data = storage.read_bytes(subject.image)
+                image = Image.open(io.BytesIO(data))
+                image.load()
+                image = image.convert("RGB")
+            except Exception as exc:
+                raise RowError(f"subjects[{j}].image {subject.image!r} could not be read as an image: {exc}") from exc
+            s.subject_images.append(image)
+            items.append((self.subjects.key(data), image))
+        s.subject_tokens, s.subject_hits = self.subjects.get(items)  # (N, T, W)
+        s.seconds["load"] += time.perf_counter() - t
+
+    def _run_group(self, group: list[_RowState]) -> None:
+        """Rows sharing a batch key: one relation LoRA, then chunks of up to ``max_batch_images`` images."""
+        relation = group[0].row.relation or None
+        t = time.perf_counter()
+        try:
+            hit = self.loras.activate(relation)
+        except Exception as exc:
+            for s in group:
+                s.error = f"relation {relation!r}: could not load its LoRA: {exc}"
+            return
+        swap = time.perf_counter() - t
+        for s in group:
+            s.lora_hit = hit
+            s.seconds["lora"] += swap / len(group)
+        ready = []
+        for s in group:
+            try:
+                self._load_subjects(s)
+                ready.append(s)
+            except RowError as exc:
+                s.error = str(exc)
+        items = [(s, _Item(i, k, s.row.seed + k)) for i, s in enumerate(ready) for k in range(s.row.num_images)]
+        size = max(1, self.config.max_batch_images)
+        for start in range(0, len(items), size):
+            chunk = items[start:start + size]
+            try:
+                self._generate(chunk, relation)
+            except Exception as exc:  # retry one row at a time so that one bad row does not fail its batch-mates
+                if len({id(s) for s, _ in chunk}) == 1:
+                    chunk[0][0].error = f"generation failed: {type(exc).__name__}: {exc}"
+                    continue
+                logger.warning("batch of %d images failed (%s); retrying row by row", len(chunk), exc)
+                by_row: dict[int, list] = defaultdict(list)
+                for s, item in chunk:
+                    by_row[id(s)].append((s, item))
+                for sub in by_row.values():
+                    try:
+                        self._generate(sub, relation)
+                    except Exception as exc2:
+                        sub[0][0].error = f"generation failed: {type(exc2).__name__}: {exc2}"
+        for s in ready:
+            if s.error is None:
+                self._write_and_score(s)
+
+    def _generate(self, chunk: list[tuple[_RowState, _Item]], relation: str | None) -> None:
+        import torch
+
+        row0 = chunk[0][0].row
+        t = time.perf_counter()
+        out = self.pipe(
+            [s.row.prompt for s, _ in chunk],
+            subject_phrases=[[sub.phrase for sub in s.row.subjects] for s, _ in chunk],
+            boxes=[[list(sub.box) for sub in s.row.subjects] for s, _ in chunk],
+            subject_embeds=torch.stack([s.subject_tokens for s, _ in chunk]),  # (B, N, T, W)
+            relation=self.loras.relation_arg(relation),
+            seed=[item.seed for _, item in chunk],
+            num_inference_steps=row0.steps, guidance_scale=row0.guidance,
+            scale=[s.row.scale for s, _ in chunk], height=row0.height, width=row0.width,
+            negative_prompt=[s.row.negative_prompt for s, _ in chunk],
+            use_local_tokens=self.config.use_local_tokens, progress=False,
+        )
+        per_image = (time.perf_counter() - t) / len(chunk)
+        for (s, item), image in zip(chunk, out.images):
+            s.images.append((item.k, image))
+            s.seconds["generate"] += per_image
+
+    def _write_and_score(self, s: _RowState) -> None:
+        s.images.sort(key=lambda pair: pair[0])
+        t = time.perf_counter()
+        uris = []
+        for k, image in s.images:
+            buf = io.BytesIO()
+            image.save(buf, format="PNG")
+            uri = image_uri(self.config.output, s.row.row_id, k)
+            storage.write_bytes_atomic(uri, buf.getvalue())
+            uris.append(uri)
+        s.seconds["write"] += time.perf_counter() - t
+        s.uris = uris  # type: ignore[attr-defined]
+        if self.scorer is None:
+            s.scores = []  # type: ignore[attr-defined]
+            return
+        t = time.perf_counter()
+        images = [image for _, image in s.images]
+        n = len(images)
+        s.scores = self.scorer.score(  # type: ignore[attr-defined]
+            images, [s.row.prompt] * n, [s.relation_phrase] * n, [s.subject_images] * n,
+            [[list(sub.box) for sub in s.row.subjects]] * n,
+        )
+        s.seconds["metrics"] += time.perf_counter() - t
+
+    def _result(self, s: _RowState) -> ResultRow:
+        if s.error is not None:
+            return _error_result(s.row.row_id, s.error, s.row.relation, s.seconds, s.lora_hit, s.subject_hits)
+        scores = getattr(s, "scores", [])
+        pick = lambda name: [round(float(sc[name]), 4) for sc in scores]  # noqa: E731
+        return ResultRow(
+            row_id=s.row.row_id, status="ok", error=None, images=s.uris, relation=s.row.relation,  # type: ignore
+            clip_t=pick("clip_t"), clip_r=pick("clip_r"), clip_i=pick("clip_i"), clip_i_crop=pick("clip_i_crop"),
+            dino=pick("dino"), **_timings(s.seconds), lora_cache_hit=s.lora_hit, subject_cache_hits=s.subject_hits,
+            finished_at=_now(),
+        )
+
+
+class RowError(Exception):
+    """A problem with one row's inputs (its batch-mates go on)."""
+
+
+def _timings(seconds: dict) -> dict[str, float]:
+    return {f"seconds_{k}": round(float(seconds.get(k, 0.0)), 4) for k in ("load", "lora", "generate", "write",
+                                                                              "metrics")}
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _error_result(row_id: str, error: str, relation: str | None, seconds: dict | None = None,
+                  lora_hit: bool | None = None, subject_hits: int = 0) -> ResultRow:
+    return ResultRow(row_id=row_id, status="error", error=error, images=[], relation=relation, clip_t=[], clip_r=[],
+                     clip_i=[], clip_i_crop=[], dino=[], **_timings(seconds or {}), lora_cache_hit=lora_hit,
+                     subject_cache_hits=subject_hits, finished_at=_now())

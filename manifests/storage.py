@@ -1,0 +1,109 @@
+"""Object storage through fsspec: local paths, ``file://``, ``s3://``, ``gs://``, ``memory://``.
+
+One place for URL joining and atomic writes, so that every writer (manifests, results, images, LoRA registry)
+behaves the same on a laptop folder and on S3. S3-compatible endpoints (MinIO, moto) are configured the usual
+way, through the environment (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ...), so the same command runs
+unchanged against a laptop folder, a local S3 server or AWS.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+
+def filesystem(uri: str, **storage_options: Any) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path inside it) for ``uri``."""
+    fs, path = fsspec.core.url_to_fs(str(uri), **storage_options)
+    return fs, path
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join URL or path segments with '/' (never os.sep: keys on object stores use '/')."""
+    out = str(uri).rstrip("/")
+    for part in parts:
+        out = f"{out}/{str(part).strip('/')}"
+    return out
+
+
+def parent(uri: str) -> str:
+    """The folder holding ``uri``: an absolute path for local paths, ``scheme://bucket/dir`` for URLs."""
+    uri = str(uri)
+    if "://" not in uri:
+        return os.path.dirname(os.path.abspath(uri))
+    scheme, rest = uri.split("://", 1)
+    rest = rest.rstrip("/")
+    return f"{scheme}://{rest.rsplit('/', 1)[0]}" if "/" in rest else f"{scheme}://"
+
+
+def is_relative(path: str) -> bool:
+    """True for a relative local path (no ``scheme://``, not absolute)."""
+    path = str(path)
+    return bool(path) and "://" not in path and not os.path.isabs(path) and not path.startswith("~")
+
+
+def resolve(base_folder: str, path: str) -> str:
+    """``path`` resolved against ``base_folder`` when it is a relative local path; unchanged otherwise."""
+    if not is_relative(path):
+        return path
+    if "://" not in str(base_folder):
+        return os.path.normpath(os.path.join(os.path.abspath(base_folder), path))
+    scheme, rest = str(base_folder).split("://", 1)
+    joined = posixpath.normpath(posixpath.join(rest, path))
+    return f"{scheme}://{joined if rest.startswith('/') else joined.lstrip('/')}"
+
+
+def is_local(uri: str) -> bool:
+    return isinstance(filesystem(uri)[0], LocalFileSystem)
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.exists(path)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    with fs.open(path, "rb") as f:
+        return f.read()
+
+
+def write_bytes_atomic(uri: str, data: bytes) -> None:
+    """Write ``data`` so that readers never see a partial object.
+
+    Local files: write a temporary sibling, then rename over the target. Object stores: a single PUT is atomic.
+    """
+    fs, path = filesystem(uri)
+    parent = path.rsplit("/", 1)[0] if "/" in path else ""
+    if isinstance(fs, LocalFileSystem):
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    else:
+        if parent and not fs.exists(parent):
+            fs.makedirs(parent, exist_ok=True)
+        fs.pipe_file(path, data)
+
+
+def list_files(uri: str, suffix: str = "") -> list[str]:
+    """Full URIs of the files directly under ``uri`` ending in ``suffix`` (empty list if the folder is absent)."""
+    fs, path = filesystem(uri)
+    if not fs.exists(path):
+        return []
+    protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
+    out = []
+    for p in sorted(fs.ls(path, detail=False)):
+        name = p.rsplit("/", 1)[-1]
+        if name.endswith(suffix) and ".tmp-" not in name:
+            out.append(p if protocol in ("file", "local") else f"{protocol}://{p}")
+    return out
