@@ -77,7 +77,8 @@ class _RowState:
 class Worker:
     """Build once per process (it loads the models); call :meth:`process` on lists of rows."""
 
-    def __init__(self, config: WorkerConfig):
+    def __init__(self, config: WorkerConfig, pipe=None, scorer=None):
+        """``pipe`` / ``scorer``: already built models to use instead of loading ``config.preset`` (benchmarks)."""
         import torch
 
         from dreamrelation.presets import load_pipeline
@@ -89,7 +90,7 @@ class Worker:
         dtype = (getattr(torch, config.dtype) if config.dtype != "auto"
                  else torch.bfloat16 if device.startswith("cuda") else torch.float32)
         self.device = device
-        self.pipe = load_pipeline(config.preset, device=device, dtype=dtype)
+        self.pipe = pipe if pipe is not None else load_pipeline(config.preset, device=device, dtype=dtype)
         self.pipe.set_progress_bar_config(disable=True)
         if config.compile_unet:
             self.pipe.unet = torch.compile(self.pipe.unet)
@@ -97,11 +98,11 @@ class Worker:
         self.loras = LoRACache(self.pipe, self.registry, capacity=config.lora_cache_size)
         self.subjects = SubjectEncodingCache.for_pipeline(self.pipe, capacity=config.subject_cache_size,
                                                           use_local_tokens=config.use_local_tokens)
-        self.scorer = None
-        if config.metrics:
-            from dreamrelation.metrics import MetricModels
+        self.scorer = scorer
+        if config.metrics and scorer is None:
+            from dreamrelation.metrics import get_metric_models, metric_model_refs
 
-            self.scorer = MetricModels.for_preset(config.preset, device=device)
+            self.scorer = get_metric_models(*metric_model_refs(config.preset), device=device)
 
     # ---- public ---------------------------------------------------------------------------------------------
     def process(self, records: list[dict[str, Any]]) -> list[ResultRow]:
