@@ -8,7 +8,7 @@ from collections import Counter
 from typing import Any
 
 from manifests import storage
-from manifests.io import read_manifest_table, read_results, table_to_rows
+from manifests.io import read_manifest_table, read_results, validate_table
 
 METRICS = ("clip_t", "clip_r", "clip_i", "clip_i_crop", "dino")
 
@@ -62,8 +62,9 @@ def render_report(output: str) -> str:
     manifest_rows: dict[str, Any] = {}
     if run.get("manifest"):
         try:
-            manifest_rows = {r.row_id: r for r in table_to_rows(read_manifest_table(run["manifest"]),
-                                                              base_uri=run["manifest"])}
+            # the accepted rows only: a manifest with rejected rows still names the prompts of the others
+            accepted, _ = validate_table(read_manifest_table(run["manifest"]), base_uri=run["manifest"])
+            manifest_rows = {r.row_id: r for r in accepted}
         except Exception:  # the manifest may have moved: the report still shows results and metrics
             manifest_rows = {}
     st = status(output)
