@@ -438,5 +438,127 @@ def manifest_relationbench(
     typer.echo(f"{len(rows)} cases written to {output}")
 
 
+data_app = typer.Typer(help="Relation fine-tuning data: triplets (subject images, target, keypoints).",
+                       no_args_is_help=True)
+train_app = typer.Typer(help="Fine-tune relation LoRAs (in parallel on Ray) and distill the local encoder.",
+                        no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(train_app, name="train")
+
+
+@data_app.command("import-public")
+def data_import_public(
+    directory: Annotated[Path, typer.Argument(help="A relation folder in the authors' public format (prompts.json, "
+                                                   "videos/<id>/, masks/<id>/).")],
+    relation: Annotated[str, typer.Option(help="Relation id to file the triplets under, e.g. hugging.")],
+    output: Annotated[str, typer.Option(help="Triplet dataset root (path or URL): triplets.parquet + images/.")],
+) -> None:
+    """Import a public relation folder as triplets; broken samples are reported and skipped."""
+    from dreamrelation.data import import_public_folder
+    from manifests.triplets import read_triplets, write_triplets
+
+    if not directory.is_dir():
+        _fail(f"DIRECTORY not found: {str(directory)!r}")
+    try:
+        records, problems = import_public_folder(directory, relation, output=output)
+    except (OSError, ValueError) as exc:
+        _fail(str(exc))
+    for p in problems:
+        typer.echo(f"skipped sample {p['sample']}: {p['reason']}", err=True)
+    if not records:
+        _fail(f"no usable samples in {str(directory)!r} ({len(problems)} broken)")
+    existing = []
+    try:
+        existing, _ = read_triplets(output)
+    except ValueError:
+        existing = []
+    keep = [r.to_record() for r in existing if r.relation != relation]
+    write_triplets(keep + records, output)
+    typer.echo(f"{len(records)} triplets of {relation!r} written to {output} ({len(problems)} skipped)")
+
+
+@train_app.command("relations")
+def train_relations(
+    data: Annotated[str, typer.Argument(help="Triplet dataset root (path or URL) holding triplets.parquet.")],
+    relations: Annotated[str, typer.Option(help="Comma-separated relation ids, e.g. hugging,shaking_hands.")],
+    output: Annotated[str, typer.Option(help="Run storage (path or URL); LoRAs are registered under "
+                                             "OUTPUT/loras unless --loras is given.")] = "outputs/train",
+    loras: Annotated[Optional[str], typer.Option(help="LoRA registry root that `batch submit --loras` reads.")] = None,
+    preset: Annotated[str, typer.Option(help="'tiny', 'sdxl' or a model folder.")] = "tiny",
+    profile: Annotated[str, typer.Option(help="Loss weights: 'paper' (KML 1e-3) or 'public-code' (KML 0.1 for "
+                                              "t <= 333, relation-attention loss 1e-3).")] = "paper",
+    steps: Annotated[int, typer.Option(help="Optimizer steps per relation.")] = 500,
+    batch_size: Annotated[int, typer.Option(help="Examples per step (by gradient accumulation).")] = 8,
+    resolution: Annotated[Optional[int], typer.Option(help="Training resolution (default 1024; 64 for tiny).")] = None,
+    checkpoint_every: Annotated[int, typer.Option(help="Checkpoint every K steps (a failed trial resumes "
+                                                       "there).")] = 100,
+    workers_per_relation: Annotated[int, typer.Option(help="> 1: data-parallel (DDP) training of each relation on "
+                                                           "that many workers.")] = 1,
+    max_failures: Annotated[int, typer.Option(help="Retries of a failed trial.")] = 2,
+    name: Annotated[str, typer.Option(help="Run name; the same name resumes an interrupted run.")] = "train-relations",
+    address: Annotated[Optional[str], typer.Option(help="Ray cluster address; default: a local Ray.")] = None,
+) -> None:
+    """Fine-tune one relation LoRA per relation id, in parallel Ray Tune trials; register each in the registry."""
+    from cluster.train_job import TrainJobConfig, run
+    from dreamrelation.losses import PROFILES
+
+    ids = tuple(r.strip() for r in relations.split(",") if r.strip())
+    if not ids:
+        _fail(f"--relations must name at least one relation id, got {relations!r}")
+    if profile not in PROFILES:
+        _fail(f"--profile must be one of {sorted(PROFILES)}, got {profile!r}")
+    for opt, value in (("--steps", steps), ("--batch-size", batch_size), ("--checkpoint-every", checkpoint_every),
+                       ("--workers-per-relation", workers_per_relation)):
+        if value < 1:
+            _fail(f"{opt} must be >= 1, got {value}")
+    config = TrainJobConfig(data=data, relations=ids, output=output, loras=loras, preset=preset, profile=profile,
+                            steps=steps, batch_size=batch_size, resolution=resolution,
+                            checkpoint_every=checkpoint_every, workers_per_relation=workers_per_relation,
+                            max_failures=max_failures, name=name, address=address)
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        summary = run(config)
+    except ValueError as exc:
+        _fail(str(exc))
+    failed = [r for r, s in summary.items() if s["status"] != "ok"]
+    for relation, s in summary.items():
+        typer.echo(f"{relation}: {s['status']}  {s.get('lora_uri') or s.get('error')}")
+    if failed:
+        raise typer.Exit(code=1)
+
+
+@train_app.command("distill-encoder")
+def train_distill_encoder(
+    images: Annotated[Path, typer.Argument(help="Folder of training images (png/jpg/webp), e.g. COCO train2017.")],
+    output: Annotated[Path, typer.Option(help="Folder for local_encoder.safetensors (+ epoch_N.pt).")],
+    preset: Annotated[str, typer.Option(help="Model whose image encoder is distilled: 'tiny', 'sdxl' or a "
+                                             "folder.")] = "tiny",
+    epochs: Annotated[int, typer.Option(help="Passes over the images.")] = 6,
+    lr: Annotated[float, typer.Option(help="Learning rate (paper: 1e-5).")] = 1e-5,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 2,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+) -> None:
+    """CLIPSelf self-distillation of the local image encoder; load the result with the model's local_encoder."""
+    from PIL import Image
+
+    from dreamrelation.distill import DistillConfig, distill
+    from dreamrelation.presets import load_pipeline
+
+    files = sorted(p for p in images.glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+    if not files:
+        _fail(f"no images (png/jpg/webp) in {str(images)!r}")
+    pipe = load_pipeline(preset, device=device)
+    encoder = pipe.adapter.encoder
+    config = DistillConfig(epochs=epochs, lr=lr, batch_size=batch_size)
+    from tqdm import tqdm
+
+    pics = [Image.open(p).convert("RGB") for p in files]
+    bar = tqdm(total=epochs * -(-len(pics) // batch_size), unit="step", desc="distilling")
+    result = distill(encoder.vision_model, pics, config, output, callback=lambda step, loss: (
+        bar.update(1), bar.set_postfix(loss=f"{loss:.4f}")), encoder_config=encoder.config)
+    bar.close()
+    typer.echo(f"loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}; encoder: {result.checkpoint}")
+
+
 if __name__ == "__main__":
     app()

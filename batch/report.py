@@ -73,6 +73,10 @@ def render_report(output: str) -> str:
         row = manifest_rows.get(r["row_id"])
         prompt = row.prompt if row else ""
         subjects = ", ".join(f"{s.phrase} {list(s.box)}" for s in row.subjects) if row else ""
+        overlay = "".join(  # the layout boxes drawn over the image (toggle with the checkbox)
+            f'<span class="box" style="left:{100 * s.box[0]:.1f}%;top:{100 * s.box[1]:.1f}%;'
+            f'width:{100 * (s.box[2] - s.box[0]):.1f}%;height:{100 * (s.box[3] - s.box[1]):.1f}%">'
+            f'{html.escape(s.phrase)}</span>' for s in (row.subjects if row else []))
         for k, uri in enumerate(r["images"]):
             rel = uri[len(output.rstrip("/")) + 1:] if uri.startswith(output.rstrip("/")) else uri
             vals = {m: (r.get(m) or [None] * (k + 1))[k] if k < len(r.get(m) or []) else None for m in METRICS}
@@ -80,7 +84,7 @@ def render_report(output: str) -> str:
             metrics = " · ".join(f"{m.upper().replace('_', '-')} {_fmt(v)}" for m, v in vals.items() if v is not None)
             cards.append(
                 f'<figure class="card" data-row="{html.escape(r["row_id"])}" {data}>'
-                f'<a href="{html.escape(rel)}"><img src="{html.escape(rel)}" loading="lazy"></a>'
+                f'<a class="frame" href="{html.escape(rel)}"><img src="{html.escape(rel)}" loading="lazy">{overlay}</a>'
                 f'<figcaption><b>{html.escape(r["row_id"])}</b> #{k} · <i>{html.escape(r.get("relation") or "no LoRA")}'
                 f'</i><br>{html.escape(prompt)}<br><small>{html.escape(subjects)}</small><br>'
                 f'<small>{html.escape(metrics)}</small></figcaption></figure>'
@@ -91,15 +95,23 @@ def render_report(output: str) -> str:
     error_rows = "".join(f"<tr><td>{html.escape(r['row_id'])}</td><td>{html.escape(r.get('error') or '')}</td></tr>"
                          for r in errors)
     options = "".join(f'<option value="{m.replace("_", "")}">{m.upper().replace("_", "-")}</option>' for m in METRICS)
+    preset = (run.get("configuration") or {}).get("preset")
+    banner = ("<p><b>Preset 'tiny'</b>: random miniature weights. These images are noise and their metrics say "
+              "nothing about quality; they show that every step of the job ran.</p>" if preset == "tiny" else "")
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>dreamrelation run: {html.escape(output)}</title>
 <style>body{{font-family:sans-serif;margin:1.5em}} .grid{{display:flex;flex-wrap:wrap;gap:12px}}
-.card{{width:260px;margin:0;border:1px solid #ccc;padding:6px;font-size:13px}} .card img{{width:256px;height:auto;
+.card{{width:260px;margin:0;border:1px solid #ccc;padding:6px;font-size:13px}}
+.frame{{position:relative;display:block;line-height:0}} .box{{position:absolute;border:2px solid #e6194b;
+color:#fff;background:rgba(230,25,75,.15);font-size:11px;line-height:13px;box-sizing:border-box}}
+body.nobox .box{{display:none}} .card img{{width:256px;height:auto;
 image-rendering:pixelated}} table{{border-collapse:collapse}} td,th{{border:1px solid #ddd;padding:3px 8px;
 text-align:left}}</style></head><body>
-<h1>Run {html.escape(output)}</h1><table>{summary_rows}</table>
+<h1>Run {html.escape(output)}</h1>{banner}<table>{summary_rows}</table>
 <h2>Errors ({len(errors)})</h2><table><tr><th>row_id</th><th>reason</th></tr>{error_rows}</table>
 <h2>Images ({len(cards)})</h2>
 <label>sort by <select id="key"><option value="row">row id</option>{options}</select></label>
+<label><input type="checkbox" checked onchange="document.body.classList.toggle('nobox', !this.checked)">
+layout boxes</label>
 <div class="grid" id="grid">{''.join(cards)}</div>
 <script>
 document.getElementById('key').onchange = function() {{

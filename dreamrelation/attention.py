@@ -9,12 +9,18 @@ Every UNet cross-attention sees the text tokens and, as a separate named argumen
 box j, the dummy tokens only outside every box; ``inside_any`` zeroes the image term outside every box. Boxes are
 rasterised on each layer's own (h, w) grid, derived from the UNet input latent size, so non-square latents work
 (the public code takes ``sqrt(L)``).
+
+Opt-in attention capture (training's relation-attention loss): attach an :class:`AttentionCapture` to the
+processors (``proc.capture = capture``, or the :func:`capture_attention` context manager) and every text
+cross-attention at a wanted (h, w) also records the softmax probabilities of chosen text tokens, averaged over
+heads and tokens, as a (B, h, w) map with its graph. Without a capture nothing changes.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -28,10 +34,13 @@ GRID_EPS = 1e-4  # box edges within this many pixels of a grid line are snapped 
 __all__ = [
     "GRID_EPS",
     "MASK_VALUE",
+    "AttentionCapture",
     "MaskedParallelAttnProcessor",
     "box_masks",
+    "capture_attention",
     "image_attention_bias",
     "layer_hw",
+    "text_attention_probs",
 ]
 
 
@@ -165,6 +174,7 @@ class MaskedParallelAttnProcessor(nn.Module):
         self.hidden_size = hidden_size
         self.cross_attention_dim = cross_attention_dim
         self.scale = float(scale)
+        self.capture: AttentionCapture | None = None  # opt-in recording of text attention maps (training)
         self.to_k_ip: nn.Linear | None = None
         self.to_v_ip: nn.Linear | None = None
         if hidden_size is not None and cross_attention_dim is not None:
@@ -195,6 +205,7 @@ class MaskedParallelAttnProcessor(nn.Module):
         ``ip_masks``: optional :func:`layout_masks` of ``ip_boxes`` (precomputed once per pipeline call).
         """
         residual = hidden_states
+        is_cross = encoder_hidden_states is not None
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
 
@@ -232,6 +243,12 @@ class MaskedParallelAttnProcessor(nn.Module):
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
+
+        capture = getattr(self, "capture", None)
+        if capture is not None and is_cross:
+            grid = (height, width) if input_ndim == 4 else layer_hw(latent_hw, query.shape[2])
+            if capture.wants(grid):
+                capture.record(text_attention_probs(query, key, attention_mask), grid)
 
         # text (or self) attention over every token of encoder_hidden_states -> (B, heads, L, d)
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0)
@@ -299,3 +316,168 @@ class MaskedParallelAttnProcessor(nn.Module):
         ip_out = F.scaled_dot_product_attention(query, ip_key, ip_value, attn_mask=bias, dropout_p=0.0)
         ip_out = ip_out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)  # (B, heads, L, d) -> (B, L, C)
         return ip_out.to(query.dtype) * inside_any  # zero outside every box (and for all-zero boxes)
+
+
+# ------------------------------------------------------------------------------------------------ attention capture
+def text_attention_probs(
+    query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The probabilities the text attention uses: ``softmax(Q K^T / sqrt(d) + mask)`` over the tokens, in float32.
+
+    query (B, heads, L, d), key (B, heads, S, d), attention_mask broadcastable to (B, heads, L, S) (additive, or
+    bool with True = attend, as SDPA takes it) -> (B, heads, L, S). Computed explicitly: SDPA returns no weights.
+    """
+    logits = query.float() @ key.float().transpose(-1, -2) * query.shape[-1] ** -0.5  # (B, heads, L, S)
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            logits = logits.masked_fill(~attention_mask, float("-inf"))
+        else:
+            logits = logits + attention_mask.float()
+    return logits.softmax(dim=-1)
+
+
+class AttentionCapture:
+    """Collects text cross-attention maps of chosen tokens, with gradients, from :class:`MaskedParallelAttnProcessor`.
+
+    Args:
+        token_indices: positions in the text sequence (BOS at 0), e.g. from
+            :func:`dreamrelation.losses.relation_token_indices`: a list of ints (every sample), one list per sample
+            (lengths may differ) or an integer tensor (n,) or (B, n).
+        resolutions: the layer grids (h, w) to record (the public code: the 32 x 32 layers of a 128 x 128 latent);
+            ``None`` records every text cross-attention.
+
+    Each recorded layer appends (B, h, w) float32 to :attr:`maps`: the probability of the chosen tokens, averaged
+    over heads and tokens; :attr:`grids` holds the matching (h, w).
+    """
+
+    def __init__(
+        self,
+        token_indices: torch.Tensor | Sequence[int] | Sequence[Sequence[int]],
+        resolutions: Iterable[tuple[int, int]] | None = None,
+    ):
+        self.index, self.weight = self._index_table(token_indices)  # (B or 1, n) long, (B or 1, n) float
+        self.resolutions: frozenset[tuple[int, int]] | None = None
+        if resolutions is not None:
+            try:
+                self.resolutions = frozenset((int(h), int(w)) for h, w in resolutions)
+            except (TypeError, ValueError):
+                raise ValueError(f"resolutions must be (h, w) pairs or None, got {resolutions!r}") from None
+        self.maps: list[torch.Tensor] = []
+        self.grids: list[tuple[int, int]] = []
+        self.seen: set[tuple[int, int]] = set()
+
+    @staticmethod
+    def _index_table(token_indices) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token positions -> a padded (B or 1, n) index table and its (B or 1, n) 0/1 weights."""
+        if isinstance(token_indices, torch.Tensor):
+            if token_indices.is_floating_point() or token_indices.ndim not in (1, 2) or token_indices.numel() == 0:
+                raise ValueError(
+                    f"token_indices must be a non-empty integer tensor (n,) or (B, n), got "
+                    f"{token_indices.dtype} {tuple(token_indices.shape)}"
+                )
+            rows = token_indices.long().reshape(-1, token_indices.shape[-1]).tolist()  # (n,) -> (1, n)
+        else:
+            rows = list(token_indices)
+            if rows and all(isinstance(i, int) and not isinstance(i, bool) for i in rows):
+                rows = [rows]
+            rows = [list(r) if isinstance(r, (list, tuple)) else r for r in rows]
+            if not rows or any(not isinstance(r, list) or not r for r in rows):
+                raise ValueError(
+                    f"token_indices must be a non-empty list of ints or of int lists, got {token_indices!r}"
+                )
+        width = max(len(r) for r in rows)
+        index = torch.zeros(len(rows), width, dtype=torch.long)
+        weight = torch.zeros(len(rows), width)
+        for b, r in enumerate(rows):
+            if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in r):
+                raise ValueError(f"token_indices must hold integers >= 0, got {r!r}")
+            index[b, : len(r)] = torch.tensor(r, dtype=torch.long)
+            weight[b, : len(r)] = 1.0
+        return index, weight
+
+    def wants(self, grid: tuple[int, int]) -> bool:
+        self.seen.add(grid)
+        return self.resolutions is None or grid in self.resolutions
+
+    def record(self, probs: torch.Tensor, grid: tuple[int, int]) -> None:
+        """Append the map of the chosen tokens: probs (B, heads, L, S) -> (B, h, w)."""
+        b, _, length, num_tokens = probs.shape
+        h, w = grid
+        if h * w != length:
+            raise ValueError(f"grid {grid} does not hold the {length} query positions of the attention")
+        if self.index.shape[0] not in (1, b):
+            raise ValueError(
+                f"token_indices has {self.index.shape[0]} rows, but the attention batch is {b} "
+                "(classifier-free guidance doubles it); pass one row per sample or a single list"
+            )
+        if int(self.index.max()) >= num_tokens:
+            raise ValueError(f"token_indices reach {int(self.index.max())}, but the text has {num_tokens} tokens")
+        index = self.index.to(probs.device).expand(b, -1)  # (B, n)
+        weight = self.weight.to(probs.device).expand(b, -1)  # (B, n)
+        mean_heads = probs.mean(dim=1)  # (B, heads, L, S) -> (B, L, S)
+        cols = torch.gather(mean_heads, 2, index[:, None, :].expand(-1, length, -1))  # (B, L, n)
+        per_pixel = (cols * weight[:, None, :]).sum(-1) / weight.sum(-1, keepdim=True)  # (B, L)
+        self.maps.append(per_pixel.view(b, h, w))  # row-major (B, L) -> (B, h, w)
+        self.grids.append((h, w))
+
+    def clear(self) -> None:
+        self.maps.clear()
+        self.grids.clear()
+
+    def mean_map(self, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """The mean of the recorded maps, each resized (bilinear) to ``size`` (default: the largest grid): (B, h, w)."""
+        if not self.maps:
+            raise ValueError(
+                f"no attention map was recorded: wanted resolutions {sorted(self.resolutions or [])}, "
+                f"text cross-attention layers seen {sorted(self.seen)}"
+            )
+        if size is None:
+            size = max(self.grids, key=lambda g: g[0] * g[1])
+        size = (int(size[0]), int(size[1]))
+        resized = [
+            m if tuple(m.shape[-2:]) == size
+            else F.interpolate(m[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+            for m in self.maps
+        ]
+        return torch.stack(resized).mean(dim=0)
+
+
+def _processors(target) -> list[MaskedParallelAttnProcessor]:
+    """The MaskedParallelAttnProcessor instances of a UNet / adapter (any nn.Module), a dict or an iterable."""
+    if isinstance(target, nn.Module):
+        found = [m for m in target.modules() if isinstance(m, MaskedParallelAttnProcessor)]
+        if not found and hasattr(target, "attn_processors"):
+            found = [p for p in target.attn_processors.values() if isinstance(p, MaskedParallelAttnProcessor)]
+    elif isinstance(target, dict):
+        found = [p for p in target.values() if isinstance(p, MaskedParallelAttnProcessor)]
+    else:
+        found = [p for p in target if isinstance(p, MaskedParallelAttnProcessor)]
+    return list({id(p): p for p in found}.values())
+
+
+@contextmanager
+def capture_attention(
+    unet_or_processors,
+    token_indices: torch.Tensor | Sequence[int] | Sequence[Sequence[int]],
+    resolutions: Iterable[tuple[int, int]] | None = None,
+) -> Iterator[AttentionCapture]:
+    """Attach a fresh :class:`AttentionCapture` to every MaskedParallelAttnProcessor for the ``with`` block.
+
+    ``unet_or_processors``: a UNet with the adapter installed, the adapter, a dict or a list of processors. The
+    self-attention processors hold the capture too but never record. On exit the previous captures come back.
+    Non-square latents need ``latent_hw`` in the UNet's ``cross_attention_kwargs``.
+    """
+    processors = _processors(unet_or_processors)
+    if not processors:
+        raise ValueError(
+            "unet_or_processors holds no MaskedParallelAttnProcessor; install the ImagePromptAdapter on the UNet first"
+        )
+    capture = AttentionCapture(token_indices, resolutions)
+    previous = [getattr(p, "capture", None) for p in processors]
+    for p in processors:
+        p.capture = capture
+    try:
+        yield capture
+    finally:
+        for p, old in zip(processors, previous):
+            p.capture = old

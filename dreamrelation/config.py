@@ -145,3 +145,34 @@ class ModelSpec(_Dict):
     adapter: str
     image_encoder: str | None = None
     local_encoder: str | None = None
+
+
+@dataclass(frozen=True)
+class TrainConfig(_Dict):
+    """Relation-LoRA fine-tuning (paper 3.4 and section 4): LoRA only, AdamW 1e-4, 500 steps, batch 8 by accumulation."""
+
+    relation: str
+    steps: int = 500
+    learning_rate: float = 1e-4
+    batch_size: int = 8  # total per optimizer step, reached by gradient accumulation of single examples
+    resolution: int = 1024
+    rank: int = 4
+    profile: str = "paper"  # loss weights: "paper" (KML 1e-3) or "public-code" (KML 0.1 for t <= 333, attention 1e-3)
+    checkpoint_every: int = 100
+    seed: int = 0
+    mixed_precision: str = "auto"  # "auto": bf16 autocast on CUDA, none on CPU; "no"; "bf16"
+    use_local_tokens: bool = True  # the paper feeds local tokens in fine-tuning (the public code does not)
+    augment: bool = True
+    scale: float = 0.6
+
+    def __post_init__(self) -> None:
+        if not self.relation:
+            raise ValueError(f"relation must be a non-empty id, got {self.relation!r}")
+        for name in ("steps", "batch_size", "resolution", "rank", "checkpoint_every"):
+            _positive(name, getattr(self, name))
+        if self.resolution % 8:
+            raise ValueError(f"resolution must be divisible by 8, got {self.resolution}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}")
+        if self.mixed_precision not in ("auto", "no", "bf16"):
+            raise ValueError(f"mixed_precision must be 'auto', 'no' or 'bf16', got {self.mixed_precision!r}")

@@ -1,0 +1,453 @@
+"""Local Image Encoder self-distillation: CLIPSelf (Wu et al. 2023) as DreamRelation uses it (paper 3.4.3, supp. 8).
+
+Per image, a random M x N grid is laid over it and up to ``max_cells`` of its cells are drawn. For each cell:
+
+* student: the 1x1 roi-align of the cell's box over the student's dense map of the FULL image, computed exactly as
+  the encoder computes local tokens (``SubjectEncoder.dense_features``: MaskCLIP last block, ``post_layernorm``,
+  L2-normalized per patch);
+* teacher: a frozen copy of the original tower embeds the cell's crop (resized to the tower's ``image_size``)
+  through its full last block: ``pooler_output = post_layernorm(CLS)``;
+* loss: ``mean(1 - cos(student, teacher))`` over every cell of the batch.
+
+The full image is resized to an ``image_size`` square (as the encoder resizes subject images), each crop to the
+teacher's ``image_size`` square; both with the OpenAI CLIP normalization of ``SubjectEncoder.preprocess``.
+
+Feature space. CLIPSelf compares both sides after the visual projection. We compare both in the pre-projection
+``post_layernorm`` space, because that is what DreamRelation reads: its local tokens are pre-projection (width
+1664 for bigG, the Resampler's input; the projection would give 1280). So the projection, and the last block's
+q/k (unused by the MaskCLIP path), get no gradient and stay as they were.
+
+Grid choices follow CLIPSelf's ``GridDistillDataset``: M (rows) in 1..max_grid, N (columns) in
+ceil(M/2)..min(2M, max_grid), cells shuffled and the first ``max_cells`` kept. Weight decay, as in OpenCLIP's
+trainer, spares 0-/1-D tensors (norm gains, biases, the class embedding). The learning rate is constant (CLIPSelf
+adds a 1000-step warmup and a cosine decay; the paper states only Adam, lr 1e-5, weight decay 0.1).
+
+Output: ``local_encoder.safetensors`` (HF ``CLIPVisionModelWithProjection`` key names) + ``local_encoder.json``,
+and optionally CLIPSelf-style ``epoch_N.pt`` (``{"epoch", "name", "state_dict"}``, ``module.visual.*`` keys).
+``SubjectEncoder.load_local_checkpoint`` loads either.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import random
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from transformers import CLIPVisionModelWithProjection
+
+from .config import EncoderConfig
+from .encoders import _BLOCK_RENAMES, _RESBLOCK, _TOP_RENAMES, SubjectEncoder, roi_align_1x1
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CARD_NAME",
+    "CHECKPOINT_NAME",
+    "cell_features",
+    "DistillConfig",
+    "DistillResult",
+    "distill",
+    "distill_loss",
+    "evaluate",
+    "grid_choices",
+    "hf_to_open_clip_visual",
+    "sample_grid_cells",
+    "save_local_encoder",
+    "save_open_clip_checkpoint",
+]
+
+CHECKPOINT_NAME = "local_encoder.safetensors"
+CARD_NAME = "local_encoder.json"
+CARD_FORMAT = "dreamrelation-local-encoder"
+CARD_VERSION = 1
+
+
+# ------------------------------------------------------------------------------------------------ config
+@dataclass(frozen=True)
+class DistillConfig:
+    """CLIPSelf hyper-parameters; defaults are the paper's (supp. 8) and CLIPSelf's grid settings.
+
+    ``image_size`` is the student's input side (None: the encoder's ``local_image_size``, 896 for bigG);
+    ``checkpoint_every`` writes ``epoch_N.pt`` every that many epochs and after the last one (None: never).
+    """
+
+    max_grid: int = 6
+    max_cells: int = 20
+    lr: float = 1e-5
+    weight_decay: float = 0.1
+    epochs: int = 6
+    batch_size: int = 2
+    image_size: int | None = None
+    seed: int = 0
+    checkpoint_every: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_grid", "max_cells", "epochs", "batch_size"):
+            _positive_int(name, getattr(self, name))
+        for name in ("image_size", "checkpoint_every"):
+            if getattr(self, name) is not None:
+                _positive_int(name, getattr(self, name))
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr) or self.lr <= 0:
+            raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
+        if not isinstance(self.weight_decay, (int, float)) or not 0 <= self.weight_decay < math.inf:
+            raise ValueError(f"weight_decay must be a non-negative finite number, got {self.weight_decay!r}")
+
+
+def _positive_int(name: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True)
+class DistillResult:
+    """What ``distill`` produced: the loss of every step, the files written and the trained student."""
+
+    losses: tuple[float, ...]
+    checkpoint: Path  # local_encoder.safetensors
+    card: Path  # local_encoder.json
+    open_clip_checkpoints: tuple[Path, ...]  # epoch_N.pt, when checkpoint_every is set
+    model: CLIPVisionModelWithProjection  # the trained student (the caller's model is left untouched)
+
+
+# ------------------------------------------------------------------------------------------- grid cells
+def grid_choices(max_grid: int) -> list[tuple[int, int]]:
+    """CLIPSelf's (rows M, columns N) grids: M in 1..max_grid, N in ceil(M/2)..min(2M, max_grid)."""
+    _positive_int("max_grid", max_grid)
+    return [(m, n) for m in range(1, max_grid + 1) for n in range((m + 1) // 2, min(2 * m, max_grid) + 1)]
+
+
+def sample_grid_cells(rng: random.Random, max_grid: int, max_cells: int) -> tuple[tuple[int, int], torch.Tensor]:
+    """Draw a grid and up to ``max_cells`` of its cells in random order.
+
+    Returns ((M, N), boxes) with boxes (min(M*N, max_cells), 4) normalized xyxy in [0, 1].
+    """
+    _positive_int("max_cells", max_cells)
+    rows, cols = rng.choice(grid_choices(max_grid))
+    cells = list(range(rows * cols))
+    rng.shuffle(cells)
+    cells = torch.tensor(cells[:max_cells])  # row-major cell index
+    r, c = cells // cols, cells % cols  # (K,) each
+    boxes = torch.stack((c / cols, r / rows, (c + 1) / cols, (r + 1) / rows), dim=-1).float()  # (K, 4)
+    return (rows, cols), boxes
+
+
+def _crop(image: Image.Image, box: torch.Tensor) -> Image.Image:
+    """The image region under a normalized xyxy box, at least one pixel each way."""
+    w, h = image.size
+    x0, y0 = min(round(box[0].item() * w), w - 1), min(round(box[1].item() * h), h - 1)
+    x1, y1 = max(round(box[2].item() * w), x0 + 1), max(round(box[3].item() * h), y0 + 1)
+    return image.crop((x0, y0, x1, y1))
+
+
+# ----------------------------------------------------------------------------------------------- loss
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """CLIPSelf loss ``mean(1 - cos(student, teacher))``; student, teacher: (K, C) -> scalar."""
+    if student.shape != teacher.shape or student.ndim != 2:
+        raise ValueError(
+            f"student and teacher must both be (K, C), got {tuple(student.shape)} and {tuple(teacher.shape)}"
+        )
+    return (1.0 - F.cosine_similarity(student.float(), teacher.float(), dim=-1)).mean()
+
+
+def _as_image(item: object, index: int) -> Image.Image:
+    if isinstance(item, Mapping) and "image" in item:  # datasets-style rows
+        item = item["image"]
+    if not isinstance(item, Image.Image):
+        raise ValueError(f"images item {index} must be a PIL.Image.Image or a mapping with 'image', got "
+                         f"{type(item).__name__}")
+    return item.convert("RGB")
+
+
+def _epoch_images(images: Sequence | Iterable, rng: random.Random | None) -> Iterable[Image.Image]:
+    """One pass over the images: sequences in an order shuffled by ``rng`` (if given), iterables as they come."""
+    if isinstance(images, Sequence) or (hasattr(images, "__len__") and hasattr(images, "__getitem__")):
+        order = list(range(len(images)))
+        if rng is not None:
+            rng.shuffle(order)
+        return (_as_image(images[i], i) for i in order)
+    return (_as_image(item, i) for i, item in enumerate(images))
+
+
+def _batches(stream: Iterable[Image.Image], size: int) -> Iterable[list[Image.Image]]:
+    batch: list[Image.Image] = []
+    for image in stream:
+        batch.append(image)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:  # the last, partial batch is kept (small relation-sized sets)
+        yield batch
+
+
+# ----------------------------------------------------------------------------------------------- training
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """OpenCLIP's split: weight decay on >= 2-D tensors only (not on norm gains, biases, class embedding)."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _step_features(
+    student: SubjectEncoder,
+    teacher: SubjectEncoder,
+    images: list[Image.Image],
+    rng: random.Random,
+    config: DistillConfig,
+    image_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Student roi features and teacher crop embeddings of every drawn cell of the batch: (K_total, C) each."""
+    teacher_size = teacher.config.image_size
+    cells = [sample_grid_cells(rng, config.max_grid, config.max_cells)[1] for _ in images]  # each (K_i, 4)
+
+    dense = student.dense_features(student.preprocess(images, image_size))  # (B, C, g, g), L2-normalized
+    _, _, h, w = dense.shape
+    scale = torch.tensor([w, h, w, h], dtype=torch.float32, device=dense.device)
+    # image i's boxes pool image i's map only: (1, C, g, g) x (1, K_i, 4) -> (K_i, C)
+    student_feats = torch.cat([
+        roi_align_1x1(dense[i : i + 1], (boxes.to(dense.device) * scale)[None], aligned=True)[0]
+        for i, boxes in enumerate(cells)
+    ])
+
+    crops = [_crop(image, box) for image, boxes in zip(images, cells) for box in boxes]
+    tower = teacher.vision_model
+    param = next(tower.parameters())
+    with torch.no_grad():
+        pixels = teacher.preprocess(crops, teacher_size).to(device=param.device, dtype=param.dtype)
+        teacher_feats = tower.vision_model(pixel_values=pixels).pooler_output  # (K_total, C): post_layernorm(CLS)
+    return student_feats, teacher_feats.to(student_feats.device)
+
+
+def _shells(
+    student_model: CLIPVisionModelWithProjection, teacher_model: CLIPVisionModelWithProjection, image_size: int
+) -> tuple[SubjectEncoder, SubjectEncoder]:
+    """SubjectEncoder shells that lend their preprocessing (one resize: ``subject_resize`` equals the target side)
+    and the dense-feature path to the student (at ``image_size``) and the teacher (at its own ``image_size``)."""
+    teacher_size = int(teacher_model.config.image_size)
+    student = SubjectEncoder(
+        student_model, EncoderConfig(image_size=teacher_size, local_image_size=image_size, subject_resize=image_size)
+    )
+    side = teacher_size
+    teacher = SubjectEncoder(teacher_model, EncoderConfig(image_size=side, local_image_size=side, subject_resize=side))
+    return student, teacher
+
+
+def _resolve_image_size(
+    model: CLIPVisionModelWithProjection, config: DistillConfig, encoder_config: EncoderConfig | None
+) -> int:
+    image_size = config.image_size or (encoder_config or EncoderConfig()).local_image_size
+    patch = int(model.config.patch_size)
+    if image_size < patch:
+        raise ValueError(f"config.image_size must be at least the patch size {patch}, got {image_size}")
+    return image_size
+
+
+@torch.no_grad()
+def cell_features(
+    student_model: CLIPVisionModelWithProjection,
+    teacher_model: CLIPVisionModelWithProjection,
+    images: Sequence[Image.Image] | Iterable,
+    config: DistillConfig = DistillConfig(),
+    encoder_config: EncoderConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Student roi features and teacher crop embeddings of every cell of ``images``: (K, width) each.
+
+    Images are read in order and cells drawn with ``config.seed``, so two students are compared on the same cells.
+    """
+    image_size = _resolve_image_size(student_model, config, encoder_config)
+    student, teacher = _shells(student_model, teacher_model, image_size)
+    rng = random.Random(config.seed)
+    pairs = [
+        _step_features(student, teacher, batch, rng, config, image_size)
+        for batch in _batches(_epoch_images(images, None), config.batch_size)
+    ]
+    if not pairs:
+        raise ValueError("images yielded no image; pass a non-empty collection")
+    return torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+
+
+def evaluate(
+    student_model: CLIPVisionModelWithProjection,
+    teacher_model: CLIPVisionModelWithProjection,
+    images: Sequence[Image.Image] | Iterable,
+    config: DistillConfig = DistillConfig(),
+    encoder_config: EncoderConfig | None = None,
+) -> float:
+    """The distillation loss over every cell of ``images`` (cells as in ``cell_features``)."""
+    return float(distill_loss(*cell_features(student_model, teacher_model, images, config, encoder_config)))
+
+
+def distill(
+    vision_model: CLIPVisionModelWithProjection,
+    images: Sequence[Image.Image] | Iterable,
+    config: DistillConfig,
+    output_dir: str | Path,
+    callback: Callable[[int, float], None] | None = None,
+    encoder_config: EncoderConfig | None = None,
+    teacher: CLIPVisionModelWithProjection | None = None,
+) -> DistillResult:
+    """Self-distil a copy of ``vision_model`` into the Local Image Encoder and save it to ``output_dir``.
+
+    Args:
+        vision_model: the CLIP vision tower (ViT-bigG for the real model); left untouched. The student is a copy
+            on its device and dtype, and so is the default teacher (memory: two towers plus AdamW state).
+        images: PIL images (or rows with an ``image`` key): a sequence, shuffled each epoch with ``config.seed``,
+            or any re-iterable collection, read in order.
+        config: hyper-parameters; ``image_size`` None takes ``encoder_config.local_image_size``.
+        callback: called after every optimizer step with (step starting at 1, loss).
+        encoder_config: the encoder the result is for (default ``EncoderConfig()``).
+        teacher: the frozen teacher (put in eval mode, read under no_grad, never changed); None: a frozen copy
+            of ``vision_model``. Passing ``vision_model`` itself saves one tower's memory.
+    Returns:
+        the per-step losses, the written files and the trained student.
+    """
+    if not isinstance(vision_model, CLIPVisionModelWithProjection):
+        raise ValueError(f"vision_model must be a CLIPVisionModelWithProjection, got {type(vision_model).__name__}")
+    if teacher is not None and not isinstance(teacher, CLIPVisionModelWithProjection):
+        raise ValueError(f"teacher must be a CLIPVisionModelWithProjection or None, got {type(teacher).__name__}")
+    if teacher is not None and teacher.config.hidden_size != vision_model.config.hidden_size:
+        raise ValueError(
+            f"teacher width {teacher.config.hidden_size} must equal vision_model width "
+            f"{vision_model.config.hidden_size}"
+        )
+    image_size = _resolve_image_size(vision_model, config, encoder_config)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    # 1. the student is a trainable copy; the teacher is frozen (no_grad in _step_features)
+    student_model = copy.deepcopy(vision_model).train().requires_grad_(True)
+    teacher_model = copy.deepcopy(vision_model).requires_grad_(False) if teacher is None else teacher
+    teacher_model.eval()
+    student, teacher_shell = _shells(student_model, teacher_model, image_size)
+    optimizer = torch.optim.AdamW(_param_groups(student_model, config.weight_decay), lr=config.lr)
+    rng = random.Random(config.seed)
+
+    # 2. epochs of batches
+    losses: list[float] = []
+    open_clip_paths: list[Path] = []
+    for epoch in range(1, config.epochs + 1):
+        seen = 0
+        for batch in _batches(_epoch_images(images, rng), config.batch_size):
+            student_feats, teacher_feats = _step_features(student, teacher_shell, batch, rng, config, image_size)
+            loss = distill_loss(student_feats, teacher_feats)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            seen += len(batch)
+            if callback is not None:
+                callback(len(losses), losses[-1])
+        if seen == 0:
+            raise ValueError(f"images yielded no image in epoch {epoch}; pass a non-empty, re-iterable collection")
+        logger.info("distill epoch %d/%d: %d images, last loss %.4f", epoch, config.epochs, seen, losses[-1])
+        every = config.checkpoint_every
+        if every is not None and (epoch % every == 0 or epoch == config.epochs):
+            path = output_dir / f"epoch_{epoch}.pt"
+            save_open_clip_checkpoint(student_model, path, epoch=epoch)
+            open_clip_paths.append(path)
+
+    # 3. save: safetensors in HF names + card
+    student_model.eval().requires_grad_(False)
+    card = {
+        "format": CARD_FORMAT,
+        "version": CARD_VERSION,
+        "method": "clipself",
+        "feature_space": "post_layernorm",
+        "image_size": image_size,
+        "teacher_image_size": teacher_shell.config.image_size,
+        "steps": len(losses),
+        "first_loss": losses[0],
+        "final_loss": losses[-1],
+        "config": asdict(config),
+        "vision_config": json.loads(student_model.config.to_json_string(use_diff=False)),
+    }
+    checkpoint, card_path = save_local_encoder(student_model, output_dir, card)
+    return DistillResult(
+        losses=tuple(losses), checkpoint=checkpoint, card=card_path,
+        open_clip_checkpoints=tuple(open_clip_paths), model=student_model,
+    )
+
+
+# ----------------------------------------------------------------------------------------------- saving
+def _hf_state(model: CLIPVisionModelWithProjection) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if not k.endswith("position_ids")}
+
+
+def save_local_encoder(
+    model: CLIPVisionModelWithProjection, output_dir: str | Path, card: Mapping | None = None
+) -> tuple[Path, Path]:
+    """Write ``local_encoder.safetensors`` (HF key names) and ``local_encoder.json``; returns both paths."""
+    from safetensors.torch import save_file
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = output_dir / CHECKPOINT_NAME
+    save_file(_hf_state(model), str(checkpoint), metadata={"format": CARD_FORMAT})
+    card_path = output_dir / CARD_NAME
+    card_path.write_text(json.dumps(dict(card or {"format": CARD_FORMAT, "version": CARD_VERSION}), indent=2))
+    logger.info("local image encoder written to %s", checkpoint)
+    return checkpoint, card_path
+
+
+def save_open_clip_checkpoint(
+    model: CLIPVisionModelWithProjection, path: str | Path, epoch: int, name: str = "dreamrelation-clipself"
+) -> Path:
+    """Write a CLIPSelf-style ``epoch_N.pt``: ``{"epoch", "name", "state_dict"}`` with ``module.visual.*`` keys
+    (the DDP prefix CLIPSelf's checkpoints carry; no text tower, no optimizer state)."""
+    path = Path(path)
+    state = {f"module.{k}": v for k, v in hf_to_open_clip_visual(_hf_state(model)).items()}
+    torch.save({"epoch": int(epoch), "name": name, "state_dict": state}, path)
+    return path
+
+
+_TOP_INVERSE = {hf: oc for oc, hf in _TOP_RENAMES.items()}
+_BLOCK_INVERSE = {hf: oc for oc, hf in _BLOCK_RENAMES.items()}
+_LAYERS = "vision_model.encoder.layers."
+
+
+def hf_to_open_clip_visual(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``CLIPVisionModelWithProjection`` keys -> OpenCLIP ``visual.*`` keys; inverse of ``open_clip_visual_to_hf``.
+
+    q/k/v (W, ...) each are concatenated into ``attn.in_proj_{weight,bias}`` (3W, ...); ``visual_projection.weight``
+    (P, W) is transposed into ``visual.proj`` (W, P); ``position_ids`` is dropped. Unknown keys raise
+    ``ValueError`` naming them, as do layers with only some of q/k/v.
+    """
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}  # (layer, weight|bias) -> {q|k|v: tensor}
+    unknown: list[str] = []
+    for key, value in state_dict.items():
+        if key.endswith("position_ids"):
+            continue
+        if key in _TOP_INVERSE:
+            out[_TOP_INVERSE[key]] = value
+        elif key == "visual_projection.weight":
+            out["visual.proj"] = value.t().contiguous()  # (P, W) -> (W, P)
+        elif key.startswith(_LAYERS):
+            layer, _, rest = key[len(_LAYERS):].partition(".")
+            module, _, param = rest.rpartition(".")
+            if module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+                qkv.setdefault((layer, param), {})[module[len("self_attn.")]] = value
+            elif module in _BLOCK_INVERSE:
+                out[f"{_RESBLOCK}{layer}.{_BLOCK_INVERSE[module]}.{param}"] = value
+            else:
+                unknown.append(key)
+        else:
+            unknown.append(key)
+    for (layer, param), parts in qkv.items():
+        if set(parts) != {"q", "k", "v"}:
+            unknown.append(f"{_LAYERS}{layer}.self_attn.{{q,k,v}}_proj.{param} (only {sorted(parts)})")
+            continue
+        # 3 x (W, ...) -> (3W, ...) in q, k, v order
+        out[f"{_RESBLOCK}{layer}.attn.in_proj_{param}"] = torch.cat([parts[n] for n in "qkv"], dim=0)
+    if unknown:
+        raise ValueError(f"state_dict has keys with no OpenCLIP visual counterpart: {sorted(unknown)}")
+    return out
