@@ -547,9 +547,13 @@ def train_distill_encoder(
     files = sorted(p for p in images.glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
     if not files:
         _fail(f"no images (png/jpg/webp) in {str(images)!r}")
+    try:
+        config = DistillConfig(epochs=epochs, lr=lr, batch_size=batch_size)
+    except ValueError as exc:
+        name, _, rest = str(exc).partition(" ")  # "batch_size must be ..." -> "--batch-size must be ..."
+        _fail(f"--{name.replace('_', '-')} {rest}")
     pipe = load_pipeline(preset, device=device)
     encoder = pipe.adapter.encoder
-    config = DistillConfig(epochs=epochs, lr=lr, batch_size=batch_size)
     from tqdm import tqdm
 
     pics = [Image.open(p).convert("RGB") for p in files]

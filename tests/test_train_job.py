@@ -107,3 +107,38 @@ def test_unknown_relation_fails_before_ray_starts(tmp_path, monkeypatch):
     monkeypatch.setattr(tj, "_init_ray", lambda address: (_ for _ in ()).throw(AssertionError("Ray started")))
     with pytest.raises(ValueError, match="no valid triplets for relation 'dancing'"):
         tj.run(tj.TrainJobConfig(data=str(tmp_path / "data"), relations=("hugging", "dancing")))
+
+
+def test_a_killed_driver_is_resumed_by_rerunning_the_same_command(ray_local, tmp_path):
+    """The run name is stable: rerunning after the driver was killed restores the Tune run and finishes it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from cluster.train_job import TrainJobConfig, run
+
+    data = str(tmp_path / "data")
+    write_synthetic_triplets(data, relations=("hugging", "riding"))
+    out = tmp_path / "train"
+    steps = 200
+    args = ["--relations", "hugging,riding", "--output", str(out), "--steps", str(steps), "--batch-size", "1",
+            "--checkpoint-every", "5", "--name", "crash"]
+    env = dict(os.environ, TUNE_GLOBAL_CHECKPOINT_S="1")  # Tune saves its run state every second
+    proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "train", "relations", data, *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None and len(list(out.glob("crash/*/checkpoint_*"))) < 2:
+            time.sleep(0.2)
+        time.sleep(3)  # a few more steps and a save of the run state
+        assert proc.poll() is None, "the run ended before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert not (out / "loras" / "hugging").exists() and not (out / "loras" / "riding").exists()
+    summary = run(TrainJobConfig(data=data, relations=("hugging", "riding"), output=str(out), steps=steps,
+                                 batch_size=1, checkpoint_every=5, name="crash"))
+    assert all(s["status"] == "ok" for s in summary.values()), summary
+    assert max(s["final"]["resumed_from"] for s in summary.values()) > 0
