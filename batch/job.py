@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -22,6 +21,7 @@ from typing import Any
 from manifests import storage
 from manifests.io import check_image_file, read_manifest_table, read_results, validate_table, write_rejections
 from manifests.registry import LoRARegistry
+from manifests.runtime import ray_init_args
 
 from .worker import WorkerConfig
 
@@ -56,18 +56,11 @@ class JobError(RuntimeError):
 
 
 def _init_ray(address: str | None) -> None:
+    """Join ``address`` or start a local Ray (workers inherit the driver's storage and model settings)."""
     import ray
 
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    if address:
-        ray.init(address=address, log_to_driver=False)
-    else:
-        # logical CPUs above the physical count keep Ray Data's read/plan tasks runnable beside the actors
-        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {k: v for k, v in os.environ.items()
-                                           if k.startswith(("AWS_", "DREAMRELATION_", "HF_"))}})
+    if not ray.is_initialized():
+        ray.init(**ray_init_args(address))
 
 
 class GenerationActor:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -20,6 +19,7 @@ from typing import Any
 
 from manifests import storage
 from manifests.registry import LoRARegistry
+from manifests.runtime import ray_init_args
 from manifests.triplets import read_triplets
 
 logger = logging.getLogger(__name__)
@@ -176,17 +176,11 @@ def _ddp_loop(job: dict) -> None:
 
 
 def _init_ray(address: str | None) -> None:
+    """Join ``address`` or start a local Ray (workers inherit the driver's storage and model settings)."""
     import ray
 
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    env = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "DREAMRELATION_", "HF_"))}
-    if address:
-        ray.init(address=address, log_to_driver=False, runtime_env={"env_vars": env})
-    else:
-        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": env})
+    if not ray.is_initialized():
+        ray.init(**ray_init_args(address))
 
 
 def _storage(uri: str):

@@ -107,3 +107,4 @@ def list_files(uri: str, suffix: str = "") -> list[str]:
         if name.endswith(suffix) and ".tmp-" not in name:
             out.append(p if protocol in ("file", "local") else f"{protocol}://{p}")
     return out
+
