@@ -285,6 +285,9 @@ def batch_submit(
     resume: Annotated[bool, typer.Option(help="Skip rows that already have a result under OUTPUT.")] = True,
     metrics: Annotated[bool, typer.Option(help="Score each image (CLIP-T, CLIP-R, CLIP-I, DINO).")] = True,
     lora_cache_size: Annotated[int, typer.Option(help="Relation LoRAs each actor keeps in memory.")] = 8,
+    check_images: Annotated[bool, typer.Option(
+        help="Check before the run that every distinct subject image exists and is an image (one small read each; "
+             "turn off for manifests with very many distinct images: bad ones then become per-row errors).")] = True,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
 ) -> None:
     """Generate every row of MANIFEST on a Ray actor pool; write images, per-row results and run.json.
@@ -310,7 +313,7 @@ def batch_submit(
                           max_batch_images=max_batch_images, lora_cache_size=lora_cache_size)
     config = JobConfig(manifest=manifest, output=output, worker=worker, preset=preset, loras=loras, actors=actors,
                        gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, batch_size=batch_size,
-                       address=address, resume=resume)
+                       address=address, resume=resume, check_images=check_images)
     bar = tqdm(total=0, unit="row", desc="generating")
 
     def progress(done: int, total: int) -> None:
@@ -495,6 +498,11 @@ def train_relations(
     workers_per_relation: Annotated[int, typer.Option(help="> 1: data-parallel (DDP) training of each relation on "
                                                            "that many workers.")] = 1,
     max_failures: Annotated[int, typer.Option(help="Retries of a failed trial.")] = 2,
+    gpus_per_trial: Annotated[Optional[float], typer.Option(
+        help="GPUs per relation trial (default: 1 when the cluster has GPUs when the job starts, else 0; set it "
+             "on clusters whose GPU workers scale up from zero).")] = None,
+    cpus_per_trial: Annotated[Optional[float], typer.Option(
+        help="CPUs per relation trial (default: 1 with GPUs, else 0.5).")] = None,
     name: Annotated[str, typer.Option(help="Run name; the same name resumes an interrupted run.")] = "train-relations",
     address: Annotated[Optional[str], typer.Option(help="Ray cluster address; default: a local Ray.")] = None,
 ) -> None:
@@ -514,7 +522,8 @@ def train_relations(
     config = TrainJobConfig(data=data, relations=ids, output=output, loras=loras, preset=preset, profile=profile,
                             steps=steps, batch_size=batch_size, resolution=resolution,
                             checkpoint_every=checkpoint_every, workers_per_relation=workers_per_relation,
-                            max_failures=max_failures, name=name, address=address)
+                            max_failures=max_failures, name=name, address=address, gpus_per_trial=gpus_per_trial,
+                            cpus_per_trial=cpus_per_trial)
     logging.basicConfig(level=logging.WARNING)
     try:
         summary = run(config)
@@ -562,6 +571,198 @@ def train_distill_encoder(
         bar.update(1), bar.set_postfix(loss=f"{loss:.4f}")), encoder_config=encoder.config)
     bar.close()
     typer.echo(f"loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}; encoder: {result.checkpoint}")
+
+
+cluster_app = typer.Typer(help="Run batch and training jobs on a running Ray cluster (the Ray Jobs API).",
+                          no_args_is_help=True)
+cluster_submit_app = typer.Typer(help="Submit `batch submit` or `train relations` as a job of a Ray cluster.",
+                                 no_args_is_help=True)
+app.add_typer(cluster_app, name="cluster")
+cluster_app.add_typer(cluster_submit_app, name="submit")
+
+# every option the `cluster submit` commands do not know goes, in order, to the command run in the job
+_FORWARD_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
+JOBS_API = "http://127.0.0.1:8265"  # the dashboard of a Ray started on this machine
+ClusterAddress = Annotated[str, typer.Option(
+    envvar="RAY_ADDRESS", help="The cluster's Jobs API: the head node's dashboard, http://HEAD:8265.")]
+JobId = Annotated[str, typer.Argument(help="Submission id, as printed by `cluster submit`.")]
+
+
+def _check_job_args(command: tuple[str, str], args: list[str]) -> dict:
+    """Parse the forwarded arguments as ``dreamrelation <command>`` would, before anything is submitted: a typo
+    fails here (exit 2), not minutes later on the cluster. Returns the parsed values."""
+    try:  # typer >= 0.2x carries its own copy of click
+        from typer._click.exceptions import ClickException
+    except ImportError:
+        from click.exceptions import ClickException
+
+    group = typer.main.get_command(app)
+    cmd = group.commands[command[0]].commands[command[1]]  # type: ignore[attr-defined]
+    try:
+        with cmd.make_context(f"dreamrelation {' '.join(command)}", list(args)) as ctx:
+            return dict(ctx.params)
+    except ClickException as exc:
+        _fail(f"arguments for `dreamrelation {' '.join(command)}` in the job: {exc.format_message()} "
+              f"(got {args})")
+
+
+def _check_job_paths(params: dict, paths: dict[str, tuple[str, str]]) -> None:
+    """The job resolves paths on the cluster, inside its copy of the project: a relative input that does not ship
+    with the project cannot be found there (exit 2); a relative output would be lost with that copy (a warning)."""
+    from cluster.submit import project_root
+
+    root = project_root()
+    for key, (option, kind) in paths.items():
+        value = params.get(key)
+        if not value or "://" in str(value) or Path(str(value)).is_absolute():
+            continue
+        if kind == "input" and root is not None:
+            if not (root / str(value)).exists():
+                _fail(f"{option} {str(value)!r} is a relative path that does not ship with the project, so the job "
+                      "cannot find it on the cluster; give s3://... or an absolute path that every node shares")
+            continue  # shipped with the project (e.g. manifests/examples/example.parquet)
+        typer.secho(f"warning: {option} {str(value)!r} is a relative path: the job writes it on the cluster, inside "
+                    "its copy of the project, which Ray deletes; use s3://... or an absolute path the nodes share",
+                    fg=typer.colors.YELLOW, err=True)
+
+
+def _submit_cluster_job(command: tuple[str, str], args: list[str], paths: dict[str, tuple[str, str]], address: str,
+                        job_id: Optional[str], wait: bool, timeout: Optional[float], env: Optional[list[str]],
+                        python: str) -> None:
+    from cluster.submit import ClusterError, check_submission_id, submit_job
+
+    if job_id is not None:
+        try:
+            check_submission_id(job_id)
+        except ValueError as exc:
+            _fail(f"--job-id: {exc}")
+    extra: dict[str, str] = {}
+    for item in env or []:
+        key, sep, value = item.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            _fail(f"--env must be KEY=VALUE, got {item!r}")
+        extra[key] = value
+    params = _check_job_args(command, args)
+    if params.get("address") is not None:
+        _fail(f"--address {params['address']!r} was forwarded to the job; the job always joins the cluster it runs "
+              "on (--address auto), and --address of `cluster submit` names that cluster's Jobs API")
+    _check_job_paths(params, paths)
+    try:
+        sid = submit_job(address, [*command, *args], submission_id=job_id, env=extra, python=python)
+    except ClusterError as exc:
+        _fail(str(exc), code=1)
+    typer.echo(sid)
+    if not wait:
+        typer.echo(f"follow it: dreamrelation cluster logs {sid} --follow --address {address}", err=True)
+        return
+    _follow(address, sid, timeout)
+
+
+def _follow(address: str, job_id: str, timeout: Optional[float]) -> None:
+    """Print the job's logs as they come until it ends; exit 0 when it SUCCEEDED, else 1."""
+    from cluster.submit import ClusterError, JobNotFoundError, wait
+
+    try:
+        status = wait(address, job_id, timeout=timeout, on_logs=lambda text: typer.echo(text, nl=False))
+    except JobNotFoundError as exc:
+        _fail(str(exc))
+    except (ClusterError, TimeoutError) as exc:
+        _fail(f"{exc} (the job goes on: `dreamrelation cluster stop {job_id}` stops it)", code=1)
+    except KeyboardInterrupt:
+        typer.echo(f"\nstopped following; the job goes on: dreamrelation cluster stop {job_id} --address {address}",
+                   err=True)
+        raise typer.Exit(code=130)
+    typer.echo(f"job {job_id}: {status}")
+    if status != "SUCCEEDED":
+        raise typer.Exit(code=1)
+
+
+def _add_cluster_submit(name: str, command: tuple[str, str], usage: str,
+                        paths: dict[str, tuple[str, str]]) -> None:
+    """Register `cluster submit NAME`: the job options below, every other argument forwarded to COMMAND (whose
+    USAGE starts its arguments; PATHS are its path parameters: name -> (option, "input" | "output"))."""
+
+    def cluster_submit(
+        ctx: typer.Context,
+        address: ClusterAddress = JOBS_API,
+        job_id: Annotated[Optional[str], typer.Option(help="Submission id (default: dreamrelation-<command>-<hash "
+                                                           "of the arguments>-<random>).")] = None,
+        wait: Annotated[bool, typer.Option(help="Follow the job's logs until it ends; exit 1 unless it "
+                                                "SUCCEEDED.")] = False,
+        timeout: Annotated[Optional[float], typer.Option(help="With --wait: give up following after this many "
+                                                              "seconds (the job goes on).")] = None,
+        env: Annotated[Optional[list[str]], typer.Option(help="KEY=VALUE set in the job (repeat); AWS_*, HF_* and "
+                                                              "DREAMRELATION_* set here travel anyway.")] = None,
+        python: Annotated[str, typer.Option(help="Python on the cluster's nodes that runs the job.")] = "python",
+    ) -> None:
+        _submit_cluster_job(command, list(ctx.args), paths, address, job_id, wait, timeout, env, python)
+
+    full = " ".join(command)
+    options = [option for option, _ in paths.values()]
+    doc = (f"Run `dreamrelation {full} {usage} ...` as a job of the Ray cluster at --address.\n\n"
+           f"Every argument not listed below goes verbatim to `{full}` in the job, which joins the cluster.\n\n"
+           "The job runs the project shipped from here, and resolves paths on the cluster.\n\n"
+           f"Give {', '.join(options[:-1])} and {options[-1]} as s3://... or as absolute paths every node shares.")
+    cluster_submit_app.command(name, help=doc, context_settings=_FORWARD_ARGS,
+                               options_metavar=f"{usage} [{full.upper()} OPTIONS] [OPTIONS]")(cluster_submit)
+
+
+_add_cluster_submit("batch", ("batch", "submit"), "MANIFEST", {
+    "manifest": ("MANIFEST", "input"), "output": ("--output", "output"), "loras": ("--loras", "input")})
+_add_cluster_submit("train", ("train", "relations"), "DATA --relations IDS", {
+    "data": ("DATA", "input"), "output": ("--output", "output"), "loras": ("--loras", "output")})
+
+
+@cluster_app.command("status")
+def cluster_status(job: JobId, address: ClusterAddress = JOBS_API) -> None:
+    """Print the job's status as JSON (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED); exit 1 when it FAILED."""
+    from cluster.submit import ClusterError, JobNotFoundError, job_status
+
+    try:
+        st = job_status(address, job)
+    except JobNotFoundError as exc:
+        _fail(str(exc))
+    except ClusterError as exc:
+        _fail(str(exc), code=1)
+    typer.echo(json.dumps(st, indent=2))
+    if st["status"] == "FAILED":
+        raise typer.Exit(code=1)
+
+
+@cluster_app.command("logs")
+def cluster_logs(
+    job: JobId,
+    address: ClusterAddress = JOBS_API,
+    follow: Annotated[bool, typer.Option(help="Keep printing until the job ends; exit 1 unless it "
+                                              "SUCCEEDED.")] = False,
+) -> None:
+    """Print what the job's command printed (stdout and stderr)."""
+    if follow:
+        _follow(address, job, None)
+        return
+    from cluster.submit import ClusterError, JobNotFoundError, job_logs
+
+    try:
+        typer.echo(job_logs(address, job), nl=False)
+    except JobNotFoundError as exc:
+        _fail(str(exc))
+    except ClusterError as exc:
+        _fail(str(exc), code=1)
+
+
+@cluster_app.command("stop")
+def cluster_stop(job: JobId, address: ClusterAddress = JOBS_API) -> None:
+    """Stop the job (SIGTERM, then SIGKILL); a batch job resumes where it stopped when submitted again."""
+    from cluster.submit import ClusterError, JobNotFoundError, job_status, stop_job
+
+    try:
+        stopped = stop_job(address, job)
+        status = job_status(address, job)["status"]
+    except JobNotFoundError as exc:
+        _fail(str(exc))
+    except ClusterError as exc:
+        _fail(str(exc), code=1)
+    typer.echo(f"job {job}: stop requested ({status})" if stopped else f"job {job} was not running ({status})")
 
 
 if __name__ == "__main__":

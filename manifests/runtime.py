@@ -23,7 +23,9 @@ def ray_init_args(address: str | None) -> dict[str, Any]:
     actors that hold fractional ones (otherwise the job deadlocks).
     """
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    common = dict(log_to_driver=False, runtime_env={"env_vars": forwarded_env()})
+    common: dict[str, Any] = dict(log_to_driver=False)
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:  # inside a Ray job the job's runtime env already has them
+        common["runtime_env"] = {"env_vars": forwarded_env()}
     if address:
         return dict(address=address, **common)
     return dict(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, **common)
