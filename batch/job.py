@@ -15,7 +15,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from manifests import storage
@@ -44,7 +44,6 @@ class JobConfig:
     address: str | None = None  # None: a local Ray started in-process
     resume: bool = True
     check_images: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def worker_config(self) -> WorkerConfig:
         base = self.worker or WorkerConfig(output=self.output, preset=self.preset, loras=self.loras)

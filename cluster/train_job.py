@@ -13,7 +13,7 @@ import json
 import logging
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,6 @@ class TrainJobConfig:
     max_failures: int = 2
     address: str | None = None
     fail_once: tuple[str, ...] = ()  # fault injection: these relations' trials raise once after a checkpoint
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def registry_root(self) -> str:
         return self.loras or storage.join(self.output, "loras")

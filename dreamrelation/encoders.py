@@ -165,6 +165,50 @@ def open_clip_visual_to_hf(state_dict: Mapping[str, torch.Tensor]) -> dict[str, 
     return out
 
 
+_TOP_INVERSE = {hf: oc for oc, hf in _TOP_RENAMES.items()}
+_BLOCK_INVERSE = {hf: oc for oc, hf in _BLOCK_RENAMES.items()}
+_LAYERS = "vision_model.encoder.layers."
+
+
+def hf_to_open_clip_visual(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``CLIPVisionModelWithProjection`` keys -> OpenCLIP ``visual.*`` keys; inverse of ``open_clip_visual_to_hf``.
+
+    q/k/v (W, ...) each are concatenated into ``attn.in_proj_{weight,bias}`` (3W, ...); ``visual_projection.weight``
+    (P, W) is transposed into ``visual.proj`` (W, P); ``position_ids`` is dropped. Unknown keys raise
+    ``ValueError`` naming them, as do layers with only some of q/k/v.
+    """
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}  # (layer, weight|bias) -> {q|k|v: tensor}
+    unknown: list[str] = []
+    for key, value in state_dict.items():
+        if key.endswith("position_ids"):
+            continue
+        if key in _TOP_INVERSE:
+            out[_TOP_INVERSE[key]] = value
+        elif key == "visual_projection.weight":
+            out["visual.proj"] = value.t().contiguous()  # (P, W) -> (W, P)
+        elif key.startswith(_LAYERS):
+            layer, _, rest = key[len(_LAYERS):].partition(".")
+            module, _, param = rest.rpartition(".")
+            if module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+                qkv.setdefault((layer, param), {})[module[len("self_attn.")]] = value
+            elif module in _BLOCK_INVERSE:
+                out[f"{_RESBLOCK}{layer}.{_BLOCK_INVERSE[module]}.{param}"] = value
+            else:
+                unknown.append(key)
+        else:
+            unknown.append(key)
+    for (layer, param), parts in qkv.items():
+        if set(parts) != {"q", "k", "v"}:
+            unknown.append(f"{_LAYERS}{layer}.self_attn.{{q,k,v}}_proj.{param} (only {sorted(parts)})")
+            continue
+        # 3 x (W, ...) -> (3W, ...) in q, k, v order
+        out[f"{_RESBLOCK}{layer}.attn.in_proj_{param}"] = torch.cat([parts[n] for n in "qkv"], dim=0)
+    if unknown:
+        raise ValueError(f"state_dict has keys with no OpenCLIP visual counterpart: {sorted(unknown)}")
+    return out
+
+
 def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     """A flat state dict from safetensors or a (CLIPSelf / OpenCLIP) torch checkpoint, ``module.`` stripped."""
     if path.suffix == ".safetensors":

@@ -164,7 +164,7 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _normalize_record(record: Any) -> Any:
+def normalize_record(record: Any) -> Any:
     """A raw row as pydantic expects it: Arrow maps (lists of pairs) as dicts, numpy arrays as lists."""
     if not isinstance(record, dict):
         return record
@@ -224,7 +224,7 @@ def validate_records(records: Iterable[Any], check_image: ImageCheck | None = No
     accepted: list[GenerationRow] = []
     rejected: list[Rejection] = []
     for index, record in enumerate(records):
-        record = _normalize_record(record)
+        record = normalize_record(record)
         row_id = record.get("row_id") if isinstance(record, dict) else None
         if isinstance(row_id, str):
             if row_id in first_seen:

@@ -20,18 +20,17 @@ import hashlib
 import json
 import logging
 import os
-import re
 import struct
 from typing import Any
 
 from . import storage
+from .schema import KEY_PATTERN, check_key
 
 logger = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # == dreamrelation.lora.LORA_WEIGHTS_NAME (no import: layering)
 CARD_NAME = "card.json"
 REGISTRY_FILE = "registry.json"
-RELATION_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}")
 
 
 class UnknownRelationError(ValueError):
@@ -39,10 +38,8 @@ class UnknownRelationError(ValueError):
 
 
 def check_relation_id(relation: Any, name: str = "relation") -> str:
-    """Return ``relation`` if it is a valid relation id (letters, digits, ``-_.``; not starting with ``.``)."""
-    if not isinstance(relation, str) or not RELATION_ID.fullmatch(relation):
-        raise ValueError(f"{name} must be 1-128 letters, digits or '-_.' (not starting with '.'), got {relation!r}")
-    return relation
+    """Return ``relation`` if it is a valid relation id: the manifest's key rule (letters, digits, ``-_.``)."""
+    return check_key(relation, name)
 
 
 def check_safetensors(data: bytes, what: str) -> None:
@@ -122,7 +119,7 @@ class LoRARegistry:
         found = []
         for p in fs.glob(f"{path.rstrip('/')}/*/{WEIGHTS_NAME}"):
             relation = p.rstrip("/").rsplit("/", 2)[-2]
-            if RELATION_ID.fullmatch(relation):
+            if KEY_PATTERN.match(relation):
                 found.append(relation)
             else:
                 logger.debug("ignoring folder %r under %s: not a relation id", relation, self.root)

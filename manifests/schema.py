@@ -29,7 +29,7 @@ from pydantic import (
 
 # Characters safe in a storage key and a folder name: the row id becomes `{out}/images/{row_id}/`, the relation id
 # a LoRA folder, an adapter name and a cache key (STYLE.md point 6).
-KEY_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+KEY_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}\Z")  # safe in a storage key; no leading "."
 MAX_SUBJECTS = 8
 DEFAULT_NEGATIVE_PROMPT = "monochrome, lowres, bad anatomy, worst quality, low quality"
 MAX_VALUE_CHARS = 200
@@ -53,14 +53,14 @@ Int = Annotated[int, BeforeValidator(_as_int)]
 Float = Annotated[float, BeforeValidator(_as_float)]
 
 
-def _check_key(value: str, what: str) -> str:
-    if not KEY_PATTERN.match(value) or value in (".", ".."):
-        raise ValueError(f"{what} must be 1-128 characters from letters, digits and '-_.' (safe in a storage key), "
-                         f"got {value!r}")
+def check_key(value: str, what: str) -> str:
+    if not isinstance(value, str) or not KEY_PATTERN.match(value):
+        raise ValueError(f"{what} must be 1-128 characters from letters, digits and '-_.', not starting with '.' "
+                         f"(safe in a storage key), got {value!r}")
     return value
 
 
-def _non_empty(value: str, what: str) -> str:
+def non_empty(value: str, what: str) -> str:
     if not value.strip():
         raise ValueError(f"{what} must not be empty, got {value!r}")
     return value.strip()
@@ -78,7 +78,7 @@ class Subject(BaseModel):
     @field_validator("image", "phrase")
     @classmethod
     def _not_empty(cls, value: str, info) -> str:
-        return _non_empty(value, info.field_name)
+        return non_empty(value, info.field_name)
 
     @field_validator("box", mode="before")
     @classmethod
@@ -133,19 +133,19 @@ class GenerationRow(BaseModel):
     @field_validator("row_id")
     @classmethod
     def _row_id(cls, value: str) -> str:
-        return _check_key(value, "row_id")
+        return check_key(value, "row_id")
 
     @field_validator("prompt")
     @classmethod
     def _prompt(cls, value: str) -> str:
-        return _non_empty(value, "prompt")
+        return non_empty(value, "prompt")
 
     @field_validator("relation")
     @classmethod
     def _relation(cls, value: Optional[str]) -> Optional[str]:
         if value is None or not value.strip():
             return None
-        return _check_key(value.strip(), "relation")
+        return check_key(value.strip(), "relation")
 
     @field_validator("relation_phrase")
     @classmethod

@@ -32,8 +32,8 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from manifests import storage
-from manifests.io import ManifestError, _normalize_record, read_table, write_table
-from manifests.schema import Rejection, Subject, _check_key, _non_empty
+from manifests.io import ManifestError, normalize_record, read_table, write_table
+from manifests.schema import Rejection, Subject, check_key, non_empty
 
 logger = logging.getLogger(__name__)
 
@@ -152,12 +152,12 @@ class TripletRow(BaseModel):
     @classmethod
     def _key(cls, value: str, info) -> str:
         """Both become storage keys: ``images/{triplet_id}/``, the relation's LoRA folder (STYLE.md point 6)."""
-        return _check_key(value, info.field_name)
+        return check_key(value, info.field_name)
 
     @field_validator("target", "prompt", "relation_phrase")
     @classmethod
     def _not_empty(cls, value: str, info) -> str:
-        return _non_empty(value, info.field_name)
+        return non_empty(value, info.field_name)
 
     def to_record(self) -> dict[str, Any]:
         """The row as a plain dict (lists, strings, floats): what ``dreamrelation.data.example_from_record`` reads."""
@@ -245,7 +245,7 @@ def validate_triplets(records: Iterable[Any], base_folder: str | None = None,
     rejected: list[Rejection] = []
     first_seen: dict[str, int] = {}
     for index, record in enumerate(records):
-        record = _normalize_record(record)
+        record = normalize_record(record)
         tid = record.get("triplet_id") if isinstance(record, dict) else None
         if relation is not None and isinstance(record, dict) and isinstance(record.get("relation"), str) \
                 and record["relation"] != relation:

@@ -4,7 +4,6 @@ per-row validation, CSV / JSONL build, results and rejections, the example manif
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import uuid
 from pathlib import Path

@@ -103,7 +103,7 @@ def test_unknown_relation_is_named_with_the_known_ones(root):
 
 @pytest.mark.parametrize("bad", ["", "../up", "a/b", ".hidden", "sp ace", "x" * 129, None, 3])
 def test_bad_relation_ids_are_rejected(bad, root):
-    with pytest.raises(ValueError, match="relation must be 1-128 letters"):
+    with pytest.raises(ValueError, match="relation must be 1-128 characters from letters"):
         check_relation_id(bad)
     with pytest.raises(ValueError, match="relation must be"):
         LoRARegistry(root).register(bad, lora_bytes(0))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from conftest import make_subject
 from dreamrelation.config import TrainConfig
