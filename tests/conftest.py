@@ -50,6 +50,24 @@ def subjects() -> list[Image.Image]:
     return [make_subject(i) for i in range(4)]
 
 
+@pytest.fixture(scope="module")
+def runner():
+    """typer's CliRunner for ``cli.app``."""
+    from typer.testing import CliRunner
+
+    return CliRunner()
+
+
+def invoke(runner, *args):
+    """Run ``dreamrelation ARGS`` in-process; re-raise anything but the CLI's own exit."""
+    import cli
+
+    result = runner.invoke(cli.app, [str(a) for a in args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
 def public_data() -> Path:
     if not PUBLIC_DATA.is_dir():
         pytest.skip(f"public sample data not found at {PUBLIC_DATA}")

@@ -10,26 +10,14 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from typer.testing import CliRunner
 
-import cli
+from conftest import invoke  # noqa: F401  (the `runner` fixture comes from conftest)
+
 from manifests.io import MANIFEST_SCHEMA, read_manifest, write_results
 from manifests.schema import ResultRow
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "manifests" / "examples"
 EXAMPLE = EXAMPLES / "example.parquet"
-
-
-@pytest.fixture(scope="module")
-def runner() -> CliRunner:
-    return CliRunner()
-
-
-def invoke(runner: CliRunner, *args):
-    result = runner.invoke(cli.app, [str(a) for a in args])
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
 
 
 def example_rows() -> list[dict]:

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-import cli
+from conftest import invoke  # noqa: F401  (the `runner` fixture comes from conftest)
+
 from cluster import submit
 from manifests import storage
 from manifests.io import read_manifest, read_results, write_manifest
@@ -149,18 +149,6 @@ def _wait_for_jobs_api(address: str, nodes: int = 2, timeout: float = 60) -> Non
         if time.time() > deadline:
             raise RuntimeError(f"the cluster at {address} did not come up within {timeout} s ({alive} nodes alive)")
         time.sleep(0.5)
-
-
-@pytest.fixture(scope="module")
-def runner() -> CliRunner:
-    return CliRunner()
-
-
-def invoke(runner: CliRunner, *args):
-    result = runner.invoke(cli.app, [str(a) for a in args])
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
 
 
 # ---- without a cluster: the job command, the runtime environment, errors -------------------------------------------
