@@ -45,7 +45,8 @@ from PIL import Image
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "AP10K_FLIP", "AP10K_KEYPOINTS", "NUM_KEYPOINTS", "TripletExample", "augment", "example_from_record",
+    "AP10K_FLIP", "AP10K_KEYPOINTS", "COCO_KEYPOINTS", "KEYPOINT_FLIPS", "LAYOUTS_KEY", "NUM_KEYPOINTS",
+    "TripletExample", "augment", "example_from_record",
     "import_public_folder", "mask_box", "open_image", "to_tensors",
 ]
 
@@ -64,6 +65,20 @@ def _mirror_name(name: str) -> str:
 # After a horizontal flip, keypoint j of the flipped image is keypoint AP10K_FLIP[j] of the original, mirrored
 # (left eye <-> right eye, ...; nose, neck and tail keep their index). An involution.
 AP10K_FLIP = tuple(AP10K_KEYPOINTS.index(_mirror_name(n)) for n in AP10K_KEYPOINTS)
+COCO_KEYPOINTS = (  # ViTPose's 17 COCO person keypoints
+    "nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder", "left_elbow",
+    "right_elbow", "left_wrist", "right_wrist", "left_hip", "right_hip", "left_knee", "right_knee", "left_ankle",
+    "right_ankle",
+)
+# How a subject's 17 keypoints are named, and so how a flip reorders them. "points": points picked on the subject's
+# mask and carried to the target by correspondence (the data engine); they name places, not left/right body parts,
+# so a flip keeps their order.
+KEYPOINT_FLIPS = {
+    "ap10k": AP10K_FLIP,
+    "coco": tuple(COCO_KEYPOINTS.index(_mirror_name(n)) for n in COCO_KEYPOINTS),
+    "points": tuple(range(NUM_KEYPOINTS)),
+}
+LAYOUTS_KEY = "keypoint_layouts"  # triplet metadata: comma-separated layout per subject; absent = all "ap10k"
 
 _KEY = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 _NUMBER_WORDS = ("one", "two", "three", "four")  # concept_keyposes_{one,two}.pth
@@ -85,6 +100,8 @@ class TripletExample:
         target_keypoints: (S, 17, 2) float32 normalized (x, y) in the target, in [0, 1].
         subject_keypoints: (S, 17, 2) float32 normalized (x, y) in each subject image, in [0, 1].
         visibility: (S, 17) float32 keypoint weights in [0, 1], or None (all 1).
+        keypoint_layouts: S names from ``KEYPOINT_FLIPS`` (how each subject's keypoints are ordered); () = all
+            "ap10k".
     """
 
     target: Image.Image
@@ -99,9 +116,15 @@ class TripletExample:
     visibility: Optional[np.ndarray] = None
     relation: str = ""
     triplet_id: str = ""
+    keypoint_layouts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         put = object.__setattr__  # frozen: normalize the containers once, here
+        layouts = tuple(self.keypoint_layouts) or ("ap10k",) * len(tuple(self.subject_images))
+        unknown = [name for name in layouts if name not in KEYPOINT_FLIPS]
+        if unknown:
+            raise ValueError(f"keypoint_layouts must name layouts from {sorted(KEYPOINT_FLIPS)}, got {unknown!r}")
+        put(self, "keypoint_layouts", layouts)
         put(self, "subject_images", tuple(self.subject_images))
         put(self, "phrases", tuple(self.phrases))
         put(self, "target_masks", tuple(None if m is None else np.asarray(m, dtype=bool) for m in self.target_masks))
@@ -114,6 +137,7 @@ class TripletExample:
         w, h = self.target.size
         checks = [
             ("phrases", len(self.phrases), s),
+            ("keypoint_layouts", len(self.keypoint_layouts), s),
             ("boxes", self.boxes.shape, (s, 4)),
             ("target_masks", len(self.target_masks), s),
             ("target_keypoints", self.target_keypoints.shape, (s, NUM_KEYPOINTS, 2)),
@@ -207,6 +231,8 @@ def example_from_record(record: dict[str, Any],
         visibility=None if visibility is None else np.clip(visibility, 0, 1),
         relation=record.get("relation") or "",
         triplet_id=record.get("triplet_id") or "",
+        keypoint_layouts=tuple(x.strip() for x in ((record.get("metadata") or {}).get(LAYOUTS_KEY) or "").split(",")
+                               if x.strip()),
     )
 
 
@@ -496,8 +522,8 @@ def augment(example: TripletExample, size: int, rng: np.random.Generator, flip_p
     The crop is square (no aspect distortion) and covers a fraction ``U(crop_scale)`` of the largest square of the
     target, grown where needed so that every subject box stays inside (as far as the image allows); it is resized
     to ``size`` x ``size``. With probability ``flip_p`` the result is mirrored: x -> 1 - x and left/right keypoints
-    swap (``AP10K_FLIP``), so index j still names the same body part. Target keypoints outside the crop are clamped
-    to the border and get visibility 0. Subject images are only resized to ``size`` x ``size``: their keypoints are
+    swap (``KEYPOINT_FLIPS`` of each subject's layout), so index j still names the same body part. Target
+    keypoints outside the crop are clamped to the border and get visibility 0. Subject images are only resized to ``size`` x ``size``: their keypoints are
     normalized, so unchanged, and they are not flipped (the keypoint matching loss pairs body part j of the subject
     with body part j of the target, which the label swap keeps right). Deterministic for a given ``rng`` state.
     """
@@ -533,10 +559,11 @@ def augment(example: TripletExample, size: int, rng: np.random.Generator, flip_p
         target = target.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         masks = [None if m is None else m[:, ::-1].copy() for m in masks]
         boxes = np.stack([1.0 - boxes[:, 2], boxes[:, 1], 1.0 - boxes[:, 0], boxes[:, 3]], axis=-1)
-        keypoints = keypoints[:, AP10K_FLIP].copy()
+        order = np.asarray([KEYPOINT_FLIPS[name] for name in example.keypoint_layouts])  # (S, 17)
+        keypoints = np.take_along_axis(keypoints, order[..., None], axis=1)
         keypoints[..., 0] = 1.0 - keypoints[..., 0]
         if visibility is not None:
-            visibility = visibility[:, AP10K_FLIP]
+            visibility = np.take_along_axis(visibility, order, axis=1)
     return TripletExample(
         target=target,
         prompt=example.prompt,
@@ -550,6 +577,7 @@ def augment(example: TripletExample, size: int, rng: np.random.Generator, flip_p
         visibility=visibility,
         relation=example.relation,
         triplet_id=example.triplet_id,
+        keypoint_layouts=example.keypoint_layouts,
     )
 
 

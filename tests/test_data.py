@@ -16,6 +16,9 @@ from PIL import Image, ImageDraw
 from dreamrelation.data import (
     AP10K_FLIP,
     AP10K_KEYPOINTS,
+    COCO_KEYPOINTS,
+    KEYPOINT_FLIPS,
+    LAYOUTS_KEY,
     TripletExample,
     augment,
     example_from_record,
@@ -279,6 +282,34 @@ def test_flip_mirrors_x_and_swaps_left_right():
     np.testing.assert_allclose(out.visibility[0], visibility[0, list(AP10K_FLIP)])
     np.testing.assert_allclose(out.boxes[0], [0.4, 0.2, 0.9, 0.9], atol=1e-6)
     np.testing.assert_array_equal(out.subject_keypoints, example.subject_keypoints)  # subject images are not flipped
+
+
+def test_flip_follows_each_subjects_keypoint_layout():
+    """Engine points keep their order under a flip (they name places); COCO keypoints swap left and right."""
+    assert COCO_KEYPOINTS[KEYPOINT_FLIPS["coco"][1]] == "right_eye"
+    assert COCO_KEYPOINTS[KEYPOINT_FLIPS["coco"][16]] == "left_ankle" and KEYPOINT_FLIPS["coco"][0] == 0
+    boxes = [(0.05, 0.1, 0.45, 0.9), (0.55, 0.1, 0.95, 0.9)]
+    kp = np.stack([_grid_keypoints(b) for b in boxes])
+    example = dataclasses.replace(_example(Image.new("RGB", (64, 64)), kp, boxes), keypoint_layouts=("points", "coco"))
+    out = augment(example, 64, np.random.default_rng(0), flip_p=1.0, crop_scale=(1.0, 1.0))
+    np.testing.assert_allclose(out.target_keypoints[0, :, 0], 1 - kp[0, :, 0], atol=1e-6)  # same order, mirrored
+    coco = list(KEYPOINT_FLIPS["coco"])
+    np.testing.assert_allclose(out.target_keypoints[1, :, 0], 1 - kp[1, coco, 0], atol=1e-6)
+    assert out.keypoint_layouts == ("points", "coco")
+    with pytest.raises(ValueError, match="keypoint_layouts"):
+        dataclasses.replace(example, keypoint_layouts=("points", "xpose"))
+
+
+def test_layouts_come_from_triplet_metadata(tmp_path):
+    target = tmp_path / "t.png"
+    Image.new("RGB", (32, 32)).save(target)
+    kp = _grid_keypoints((0.1, 0.1, 0.9, 0.9)).tolist()
+    subject = {"image": str(target), "phrase": "dog", "box": [0.1, 0.1, 0.9, 0.9], "mask": None,
+               "target_keypoints": kp, "subject_keypoints": kp}
+    record = {"triplet_id": "t", "relation": "r", "target": str(target), "prompt": "a dog", "relation_phrase": "sits",
+              "subjects": [subject], "metadata": {LAYOUTS_KEY: "points"}}
+    assert example_from_record(record).keypoint_layouts == ("points",)
+    assert example_from_record({**record, "metadata": {}}).keypoint_layouts == ("ap10k",)
 
 
 def test_masks_and_boxes_move_together():
