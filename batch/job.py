@@ -2,11 +2,12 @@
 
 The only module of the project that speaks Ray Data. The driver reads and validates the manifest itself (it is
 metadata, a few MB for 50,000 rows, and duplicate row ids need the whole table), writes the rejected rows with
-their reasons, skips rows that already have a result (resume), orders the rest by relation and subject set (LoRA
+their reasons and the accepted ones to ``{out}/manifest.parquet`` (the rows of the run, which export and evaluation
+read), skips rows that already have a result (resume), orders the rest by relation and subject set (LoRA
 and subject-cache locality), and hands them to ``map_batches`` on a fixed ``ActorPoolStrategy``. Each actor is a
 thin shell over :class:`batch.worker.Worker`: it writes images and a results file per batch itself, atomically and
 under deterministic names, so a killed driver or actor never leaves partial files and a retried batch never
-duplicates a result.
+duplicates a result. A quality gate (``WorkerConfig.gate``) runs inside the actors; run.json counts its outcome.
 """
 
 from __future__ import annotations
@@ -19,18 +20,29 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from manifests import storage
-from manifests.io import check_image_file, read_manifest_table, read_results, validate_table, write_rejections
+from manifests.io import (
+    check_image_file,
+    read_manifest_table,
+    read_results,
+    validate_table,
+    write_manifest,
+    write_rejections,
+)
 from manifests.registry import LoRARegistry
 from manifests.runtime import ray_init_args
+from manifests.schema import GateSpec
 
 from .worker import WorkerConfig
 
 logger = logging.getLogger(__name__)
 
+RUN_MANIFEST = "manifest.parquet"  # {out}/manifest.parquet: the accepted rows of the run
+
 
 @dataclass(frozen=True)
 class JobConfig:
-    """``dreamrelation batch submit`` options."""
+    """``dreamrelation batch submit`` options. The quality gate and the other per-actor settings live in
+    ``worker`` (a :class:`WorkerConfig`; its ``gate`` is a ``manifests.schema.GateSpec``)."""
 
     manifest: str
     output: str = "outputs/batch"
@@ -82,6 +94,8 @@ class GenerationActor:
             "lora_cache_hit": [-1 if r.lora_cache_hit is None else int(r.lora_cache_hit) for r in results],
             "subject_cache_hits": [r.subject_cache_hits for r in results],
             "subjects": [len(records[i]["subjects"]) for i in range(len(results))],
+            "gate": [r.gate or "" for r in results],
+            "attempts": [len(r.attempts) for r in results],  # images made under the gate, final ones included
             "seconds": [json.dumps({k: getattr(r, k) for k in r.model_fields if k.startswith("seconds_")})
                         for r in results],
         }
@@ -91,6 +105,7 @@ def submit(config: JobConfig, progress: Callable[[int, int], None] | None = None
     """Run the job; returns the run summary that is also written to ``{output}/run.json``."""
     t_start = time.perf_counter()
     out = config.output
+    gate = config.worker_config().gate_spec()  # WorkerConfig checked it, and that metrics are on
     # 1. read + validate on the driver; file-level problems fail here, before Ray starts or a model loads
     table = read_manifest_table(config.manifest)
     registry = LoRARegistry(config.loras)
@@ -99,6 +114,7 @@ def submit(config: JobConfig, progress: Callable[[int, int], None] | None = None
         known_relations=registry.has, base_uri=config.manifest,
     )
     write_rejections(rejected, storage.join(out, "rejected.parquet"))
+    _write_run_manifest(rows, config.manifest, storage.join(out, RUN_MANIFEST))
     # 2. resume: rows that already have a result are done
     done: set[str] = set()
     if config.resume:
@@ -116,11 +132,32 @@ def submit(config: JobConfig, progress: Callable[[int, int], None] | None = None
         results = _run_actors(config, chunks, len(todo), progress)
     wall = time.perf_counter() - t_run
     summary.update(_summarize(results, wall))
+    summary["gate"] = _gate_summary(results, gate) if gate else None
     summary["seconds_total"] = round(time.perf_counter() - t_start, 3)
     summary["configuration"] = {**{k: v for k, v in asdict(config).items() if k != "worker"},
                                 "worker": config.worker_config().to_dict()}
     storage.write_bytes_atomic(storage.join(out, "run.json"), json.dumps(summary, indent=2).encode())
     return summary
+
+
+def _write_run_manifest(rows: list, source: str, uri: str) -> None:
+    """The accepted rows (subject images as absolute URIs) at ``uri``; a manifest that is that file already is
+    left as it is (a rerun over a run folder's own manifest)."""
+    fs_a, path_a = storage.filesystem(source)
+    fs_b, path_b = storage.filesystem(uri)
+    if type(fs_a) is type(fs_b) and path_a.rstrip("/") == path_b.rstrip("/"):
+        logger.warning("the manifest is %s itself: not overwritten with the accepted rows", uri)
+        return
+    write_manifest(rows, uri)
+
+
+def _gate_summary(results: list[dict], gate: GateSpec) -> dict[str, Any]:
+    """Gate counts of this submission's rows: passed / failed rows, images made under the gate, extra images."""
+    ok = [r for r in results if r["status"] == "ok"]
+    attempts = sum(int(r["attempts"]) for r in ok)
+    return dict(thresholds=dict(gate.thresholds), max_attempts=gate.max_attempts,
+                passed=sum(r["gate"] == "passed" for r in ok), failed=sum(r["gate"] == "failed" for r in ok),
+                attempts=attempts, extra_images=attempts - sum(int(r["images"]) for r in ok))
 
 
 def plan_chunks(rows: list, batch_size: int) -> list[list]:

@@ -42,12 +42,17 @@ def status(output: str) -> dict[str, Any]:
         rejected = read_table(rejected_uri).num_rows
     out = dict(output=output, rows_with_results=len(results), ok=counts.get("ok", 0), error=counts.get("error", 0),
                images=sum(len(r["images"]) for r in results), rejected=rejected)
+    gates = Counter(r.get("gate") for r in results if r.get("gate"))
+    if gates:  # rows judged by a quality gate; attempts: every image made under it
+        out.update(gate_passed=gates.get("passed", 0), gate_failed=gates.get("failed", 0),
+                   gate_attempts=sum(len(r.get("attempts") or []) for r in results if r.get("gate")))
     for m in METRICS:
         mean = _mean([v for r in results for v in (r.get(m) or [])])
         out[f"mean_{m}"] = round(mean, 2) if mean is not None else None
     if run:
         out["last_run"] = {k: run.get(k) for k in ("read", "accepted", "rejected", "skipped", "ok", "error", "images",
-                                                    "images_per_second", "lora_cache_hit_rate", "seconds_total")}
+                                                    "images_per_second", "lora_cache_hit_rate", "seconds_total",
+                                                    "gate")}
     return out
 
 
@@ -60,10 +65,12 @@ def render_report(output: str) -> str:
     return its URI."""
     run, results = load_run(output)
     manifest_rows: dict[str, Any] = {}
-    if run.get("manifest"):
+    own = storage.join(output, "manifest.parquet")  # the run's accepted rows (batch.job writes it)
+    source = own if storage.exists(own) else run.get("manifest")
+    if source:
         try:
             # the accepted rows only: a manifest with rejected rows still names the prompts of the others
-            accepted, _ = validate_table(read_manifest_table(run["manifest"]), base_uri=run["manifest"])
+            accepted, _ = validate_table(read_manifest_table(source), base_uri=source)
             manifest_rows = {r.row_id: r for r in accepted}
         except Exception:  # the manifest may have moved: the report still shows results and metrics
             manifest_rows = {}
@@ -82,6 +89,10 @@ def render_report(output: str) -> str:
             vals = {m: (r.get(m) or [None] * (k + 1))[k] if k < len(r.get(m) or []) else None for m in METRICS}
             data = " ".join(f'data-{m.replace("_", "")}="{"" if v is None else f"{v:.4f}"}"' for m, v in vals.items())
             metrics = " · ".join(f"{m.upper().replace('_', '-')} {_fmt(v)}" for m, v in vals.items() if v is not None)
+            tries = [a for a in r.get("attempts") or [] if a["k"] == k]  # this image's gate attempts
+            if tries:
+                verdict = "passed" if any(a["passed"] and a["image"] == uri for a in tries) else "failed"
+                metrics += f" · gate {verdict} ({len(tries)} attempt{'s' if len(tries) != 1 else ''})"
             cards.append(
                 f'<figure class="card" data-row="{html.escape(r["row_id"])}" {data}>'
                 f'<a class="frame" href="{html.escape(rel)}"><img src="{html.escape(rel)}" loading="lazy">{overlay}</a>'

@@ -2,9 +2,16 @@
 
 A :class:`Worker` holds the pipeline, a relation-LoRA cache, a subject-encoding cache and the metric models. For a
 list of rows it groups those that can denoise together (same relation, subject count, steps, size, guidance),
-generates, writes every image atomically to ``{output}/images/{row_id}/{k}.png``, scores it, and returns one
+generates, scores, writes every image atomically to ``{output}/images/{row_id}/{k}.png``, and returns one
 :class:`~manifests.schema.ResultRow` per row. A failing row becomes a result with ``status="error"`` and the
 reason; its batch-mates go on. A failure of the whole process (model load, storage auth) raises.
+
+Quality gate (``WorkerConfig.gate``, a :class:`~manifests.schema.GateSpec`): after each pass, every image under a
+minimum score is made again with the next seed of its row's schedule (``GenerationRow.image_seed(k, attempt)``),
+batched across the group's rows like the first pass (per-row generators keep an image independent of its
+batch-mates), until it passes or ``max_attempts`` images were made for it. A rejected attempt is kept at
+``images/{row_id}/attempts/{k}-{a}.png``; ``{k}.png`` is the first passing attempt, else the last one. Every attempt
+is recorded in ``ResultRow.attempts``.
 """
 
 from __future__ import annotations
@@ -19,9 +26,9 @@ from datetime import datetime, timezone
 from typing import Any
 
 from manifests import storage
-from manifests.io import image_uri, write_results
+from manifests.io import attempt_image_uri, image_uri, write_results
 from manifests.registry import LoRARegistry
-from manifests.schema import GenerationRow, ResultRow
+from manifests.schema import GATE_METRICS, GateAttempt, GateSpec, GenerationRow, ResultRow, gate_option
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +48,20 @@ class WorkerConfig:
     metrics: bool = True
     use_local_tokens: bool = True
     compile_unet: bool = False
+    gate: GateSpec | dict[str, Any] | None = None  # quality gate; stored as GateSpec.model_dump() (JSON, picklable)
+
+    def __post_init__(self) -> None:
+        if self.gate is None:
+            return
+        spec = self.gate if isinstance(self.gate, GateSpec) else GateSpec.model_validate(self.gate)
+        if not self.metrics:
+            options = " ".join(f"{gate_option(m)} {v:g}" for m, v in spec.thresholds.items())
+            raise ValueError(f"a quality gate ({options}) needs metrics, but metrics are off (--no-metrics, "
+                             f"WorkerConfig.metrics=False)")
+        object.__setattr__(self, "gate", spec.model_dump())
+
+    def gate_spec(self) -> GateSpec | None:
+        return GateSpec.model_validate(self.gate) if self.gate is not None else None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -52,13 +73,23 @@ def results_uri(output: str, row_ids: list[str]) -> str:
     return storage.join(output, "results", f"part-{digest}.parquet")
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Item:
-    """One image to make: row index, image index k, its seed."""
+    """One image to make: image index k of its row, gate attempt (0-based), its seed."""
 
-    row: int
     k: int
+    attempt: int
     seed: int
+
+
+@dataclass
+class _Final:
+    """The image kept for slot k: where it was written, its scores (None without metrics), its gate verdict."""
+
+    uri: str
+    scores: dict | None
+    attempt: int
+    passed: bool
 
 
 @dataclass
@@ -68,7 +99,9 @@ class _RowState:
     subject_images: list = field(default_factory=list)
     subject_tokens: Any = None
     subject_hits: int = 0
-    images: list = field(default_factory=list)  # (k, PIL) pairs
+    fresh: list = field(default_factory=list)  # (_Item, PIL) pairs made in the current pass
+    final: dict = field(default_factory=dict)  # k -> _Final
+    attempts: list = field(default_factory=list)  # GateAttempt records (gate only)
     error: str | None = None
     seconds: dict = field(default_factory=lambda: defaultdict(float))
     lora_hit: bool | None = None
@@ -86,6 +119,7 @@ class Worker:
         from .cache import LoRACache, SubjectEncodingCache
 
         self.config = config
+        self.gate = config.gate_spec()  # WorkerConfig checked it (and that metrics are on)
         device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = (getattr(torch, config.dtype) if config.dtype != "auto"
                  else torch.bfloat16 if device.startswith("cuda") else torch.float32)
@@ -161,7 +195,8 @@ class Worker:
         s.seconds["load"] += time.perf_counter() - t
 
     def _run_group(self, group: list[_RowState]) -> None:
-        """Rows sharing a batch key: one relation LoRA, then chunks of up to ``max_batch_images`` images."""
+        """Rows sharing a batch key: one relation LoRA, then chunks of up to ``max_batch_images`` images; under
+        the gate, further passes over the images that failed it (the rows' retries denoise together too)."""
         relation = group[0].row.relation or None
         t = time.perf_counter()
         try:
@@ -181,7 +216,23 @@ class Worker:
                 ready.append(s)
             except RowError as exc:
                 s.error = str(exc)
-        items = [(s, _Item(i, k, s.row.seed + k)) for i, s in enumerate(ready) for k in range(s.row.num_images)]
+        passes = self.gate.max_attempts if self.gate else 1
+        items = [(s, _Item(k, 0, s.row.image_seed(k))) for s in ready for k in range(s.row.num_images)]
+        for attempt in range(passes):
+            self._generate_items(items, relation)
+            retry = []
+            for s in ready:  # rows in order; a row that failed in this pass becomes an error row (the images
+                # of its earlier passes stay on disk, overwritten by a rerun)
+                if s.fresh and s.error is None:
+                    retry += [(s, item) for item in self._score_and_write(s, last=attempt == passes - 1)]
+                s.fresh = []
+            items = retry
+            if not items:
+                break
+
+    def _generate_items(self, items: list[tuple[_RowState, _Item]], relation: str | None) -> None:
+        """Images in chunks of up to ``max_batch_images``; a failing chunk is retried row by row, so one bad row
+        fails alone (its ``error`` is set) while its batch-mates go on."""
         size = max(1, self.config.max_batch_images)
         for start in range(0, len(items), size):
             chunk = items[start:start + size]
@@ -189,7 +240,7 @@ class Worker:
                 self._generate(chunk, relation)
             except Exception as exc:  # retry one row at a time so that one bad row does not fail its batch-mates
                 if len({id(s) for s, _ in chunk}) == 1:
-                    chunk[0][0].error = f"generation failed: {type(exc).__name__}: {exc}"
+                    chunk[0][0].error = _generation_error(exc, chunk[0][1])
                     continue
                 logger.warning("batch of %d images failed (%s); retrying row by row", len(chunk), exc)
                 by_row: dict[int, list] = defaultdict(list)
@@ -199,10 +250,7 @@ class Worker:
                     try:
                         self._generate(sub, relation)
                     except Exception as exc2:
-                        sub[0][0].error = f"generation failed: {type(exc2).__name__}: {exc2}"
-        for s in ready:
-            if s.error is None:
-                self._write_and_score(s)
+                        sub[0][0].error = _generation_error(exc2, sub[0][1])
 
     def _generate(self, chunk: list[tuple[_RowState, _Item]], relation: str | None) -> None:
         import torch
@@ -223,48 +271,74 @@ class Worker:
         )
         per_image = (time.perf_counter() - t) / len(chunk)
         for (s, item), image in zip(chunk, out.images):
-            s.images.append((item.k, image))
+            s.fresh.append((item, image))
             s.seconds["generate"] += per_image
 
-    def _write_and_score(self, s: _RowState) -> None:
-        s.images.sort(key=lambda pair: pair[0])
-        t = time.perf_counter()
-        uris = []
-        for k, image in s.images:
-            buf = io.BytesIO()
-            image.save(buf, format="PNG", compress_level=1)  # level 6 costs ~0.2 s per 1024 px image
-            uri = image_uri(self.config.output, s.row.row_id, k)
-            storage.write_bytes_atomic(uri, buf.getvalue())
-            uris.append(uri)
-        s.seconds["write"] += time.perf_counter() - t
-        s.uris = uris  # type: ignore[attr-defined]
+    def _score(self, s: _RowState, images: list) -> list[dict | None]:
+        """Scores (x100, rounded to 4 decimals as recorded) of images of one row; Nones without metrics."""
         if self.scorer is None:
-            s.scores = []  # type: ignore[attr-defined]
-            return
+            return [None] * len(images)
         t = time.perf_counter()
-        images = [image for _, image in s.images]
         n = len(images)
-        s.scores = self.scorer.score(  # type: ignore[attr-defined]
+        scores = self.scorer.score(
             images, [s.row.prompt] * n, [s.relation_phrase] * n, [s.subject_images] * n,
             [[list(sub.box) for sub in s.row.subjects]] * n,
         )
         s.seconds["metrics"] += time.perf_counter() - t
+        return [{m: None if sc.get(m) is None else round(float(sc[m]), 4) for m in GATE_METRICS} for sc in scores]
+
+    def _score_and_write(self, s: _RowState, last: bool) -> list[_Item]:
+        """Score this pass's images of a row, judge them, write each to its key; returns the images to make again.
+
+        Without a gate every image is final. Under the gate an image is final when it passes or when ``last`` (the
+        pass used the last attempt); a rejected one goes to ``attempts/{k}-{a}.png`` and its slot gets the next
+        seed of the schedule."""
+        fresh = sorted(s.fresh, key=lambda pair: pair[0].k)
+        scores = self._score(s, [image for _, image in fresh])
+        retry = []
+        t = time.perf_counter()
+        for (item, image), sc in zip(fresh, scores):
+            failed = self.gate.failed(sc or {}) if self.gate else []
+            final = not failed or last
+            uri = (image_uri(self.config.output, s.row.row_id, item.k) if final
+                   else attempt_image_uri(self.config.output, s.row.row_id, item.k, item.attempt))
+            buf = io.BytesIO()
+            image.save(buf, format="PNG", compress_level=1)  # level 6 costs ~0.2 s per 1024 px image
+            storage.write_bytes_atomic(uri, buf.getvalue())
+            if self.gate:
+                s.attempts.append(GateAttempt(k=item.k, attempt=item.attempt, seed=item.seed, image=uri, **(sc or {}),
+                                              passed=not failed, failed=failed))
+            if final:
+                s.final[item.k] = _Final(uri, sc, item.attempt, not failed)
+            else:
+                nxt = item.attempt + 1
+                retry.append(_Item(item.k, nxt, s.row.image_seed(item.k, nxt)))
+        s.seconds["write"] += time.perf_counter() - t
+        return retry
 
     def _result(self, s: _RowState) -> ResultRow:
         if s.error is not None:
             return _error_result(s.row.row_id, s.error, s.row.relation, s.seconds, s.lora_hit, s.subject_hits)
-        scores = getattr(s, "scores", [])
-        pick = lambda name: [round(float(sc[name]), 4) for sc in scores]  # noqa: E731
+        finals = [s.final[k] for k in sorted(s.final)]
+        scored = [f.scores for f in finals if f.scores is not None]
+        pick = lambda name: [sc[name] for sc in scored]  # noqa: E731
+        gate = None if self.gate is None else "passed" if all(f.passed for f in finals) else "failed"
         return ResultRow(
-            row_id=s.row.row_id, status="ok", error=None, images=s.uris, relation=s.row.relation,  # type: ignore
+            row_id=s.row.row_id, status="ok", error=None, images=[f.uri for f in finals], relation=s.row.relation,
             clip_t=pick("clip_t"), clip_r=pick("clip_r"), clip_i=pick("clip_i"), clip_i_crop=pick("clip_i_crop"),
             dino=pick("dino"), **_timings(s.seconds), lora_cache_hit=s.lora_hit, subject_cache_hits=s.subject_hits,
-            finished_at=_now(),
+            attempt=1 + max((f.attempt for f in finals), default=0), gate=gate,
+            attempts=sorted(s.attempts, key=lambda a: (a.k, a.attempt)), finished_at=_now(),
         )
 
 
 class RowError(Exception):
     """A problem with one row's inputs (its batch-mates go on)."""
+
+
+def _generation_error(exc: Exception, item: _Item) -> str:
+    where = f" (attempt {item.attempt + 1} of the quality gate)" if item.attempt else ""
+    return f"generation failed{where}: {type(exc).__name__}: {exc}"
 
 
 def _timings(seconds: dict) -> dict[str, float]:

@@ -50,6 +50,12 @@ MANIFEST_SCHEMA = pa.schema([
 ])
 
 _METRIC = pa.list_(pa.float64())
+# one image made under the quality gate (manifests.schema.GateAttempt)
+GATE_ATTEMPT_TYPE = pa.struct([
+    ("k", pa.int32()), ("attempt", pa.int32()), ("seed", pa.int64()), ("image", pa.string()),
+    ("clip_t", pa.float64()), ("clip_r", pa.float64()), ("clip_i", pa.float64()), ("clip_i_crop", pa.float64()),
+    ("dino", pa.float64()), ("passed", pa.bool_()), ("failed", pa.list_(pa.string())),
+])
 RESULT_SCHEMA = pa.schema([
     pa.field("row_id", pa.string(), nullable=False),
     pa.field("status", pa.string(), nullable=False),
@@ -69,6 +75,8 @@ RESULT_SCHEMA = pa.schema([
     ("lora_cache_hit", pa.bool_()),
     ("subject_cache_hits", pa.int64()),
     ("attempt", pa.int32()),
+    ("gate", pa.string()),  # "passed" | "failed" | null (no gate); null in results written before the gate
+    ("attempts", pa.list_(GATE_ATTEMPT_TYPE)),
     ("finished_at", pa.string()),
 ])
 
@@ -93,6 +101,11 @@ class ManifestError(ValueError):
 def image_uri(output_uri: str, row_id: str, k: int) -> str:
     """Deterministic key of a row's k-th image: ``{out}/images/{row_id}/{k}.png`` (a rerun overwrites, never adds)."""
     return storage.join(output_uri, "images", row_id, f"{k}.png")
+
+
+def attempt_image_uri(output_uri: str, row_id: str, k: int, attempt: int) -> str:
+    """Key of a rejected quality-gate attempt of image k: ``{out}/images/{row_id}/attempts/{k}-{attempt}.png``."""
+    return storage.join(output_uri, "images", row_id, "attempts", f"{k}-{attempt}.png")
 
 
 # ----------------------------------------------------------------------------------------------------------- reading

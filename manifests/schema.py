@@ -1,7 +1,8 @@
 """Row schemas of the batch system (pydantic v2), the contract at every file and process boundary.
 
 - ``GenerationRow``: one manifest row, "these subjects, in this relation, in this layout".
-- ``ResultRow``: what the batch worker reports for one row (images, per-image metrics, timings).
+- ``ResultRow``: what the batch worker reports for one row (images, per-image metrics, timings, gate attempts).
+- ``GateSpec`` / ``GateAttempt``: the quality gate of ``batch submit`` (minimum scores, attempts) and one attempt.
 - ``Rejection``: a manifest row that did not validate, with the field at fault and why.
 
 Every model forbids unknown fields. Numbers are checked strictly: ``True`` is not a seed and ``"3"`` is not a
@@ -14,6 +15,7 @@ from __future__ import annotations
 import math
 import numbers
 import re
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal, Optional
 
@@ -33,6 +35,8 @@ KEY_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}\Z")  # safe in a s
 MAX_SUBJECTS = 8
 DEFAULT_NEGATIVE_PROMPT = "monochrome, lowres, bad anatomy, worst quality, low quality"
 MAX_VALUE_CHARS = 200
+GATE_METRICS = ("clip_t", "clip_r", "clip_i", "clip_i_crop", "dino")  # scores x100, as in metrics.py
+MAX_ATTEMPTS = 20
 
 
 def _as_int(value: Any) -> int:
@@ -64,6 +68,14 @@ def non_empty(value: str, what: str) -> str:
     if not value.strip():
         raise ValueError(f"{what} must not be empty, got {value!r}")
     return value.strip()
+
+
+def _nulls_mean_default(model: type[BaseModel], data: Any) -> Any:
+    """Drop ``None`` for fields that have a default, so a Parquet null falls back to it."""
+    if isinstance(data, dict):
+        optional = {name for name, f in model.model_fields.items() if not f.is_required()}
+        data = {k: v for k, v in data.items() if not (v is None and k in optional)}
+    return data
 
 
 class Subject(BaseModel):
@@ -124,11 +136,7 @@ class GenerationRow(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _nulls_mean_default(cls, data: Any) -> Any:
-        """Drop ``None`` for fields that have a default, so a Parquet null falls back to it."""
-        if isinstance(data, dict):
-            optional = {name for name, f in cls.model_fields.items() if not f.is_required()}
-            data = {k: v for k, v in data.items() if not (v is None and k in optional)}
-        return data
+        return _nulls_mean_default(cls, data)
 
     @field_validator("row_id")
     @classmethod
@@ -167,14 +175,130 @@ class GenerationRow(BaseModel):
         """The ordered subject image set, for ordering rows so repeated subjects hit the encoding cache."""
         return "\n".join(s.image for s in self.subjects)
 
+    def image_seed(self, k: int, attempt: int = 0) -> int:
+        """The seed of image ``k`` at quality-gate attempt ``attempt`` (0-based): ``seed + k + attempt * num_images``.
+
+        Attempt 0 is the row's own block of seeds (``seed .. seed + num_images - 1``); each retry takes the next
+        block, so no two (image, attempt) pairs of a row share a seed and a rerun regenerates the same images."""
+        if not 0 <= k < self.num_images:
+            raise ValueError(f"k must be in [0, num_images={self.num_images}), got {k!r}")
+        if not 0 <= attempt < MAX_ATTEMPTS:
+            raise ValueError(f"attempt must be in [0, {MAX_ATTEMPTS}), got {attempt!r}")
+        return self.seed + k + attempt * self.num_images
+
 
 def _utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def gate_option(metric: str) -> str:
+    """The ``batch submit`` option of a gate metric: ``clip_i_crop`` -> ``--min-clip-i-crop``."""
+    return "--min-" + metric.replace("_", "-")
+
+
+def _messages(error: ValidationError) -> str:
+    msgs = [d["msg"].removeprefix("Value error, ") for d in error.errors(include_url=False)]
+    return "; ".join(msgs)
+
+
+class GateSpec(BaseModel):
+    """The quality gate of ``batch submit``: an image under any minimum score is regenerated with the next seed of
+    its row's schedule (``GenerationRow.image_seed``) until it passes or ``max_attempts`` images were made for it.
+
+    ``thresholds``: metric name (one of ``GATE_METRICS``) -> minimum score (x100, like the metrics); at least one.
+    ``max_attempts``: images made at most per image slot, 1..20 (1: score and label only, never regenerate).
+    Errors name the ``batch submit`` option at fault (``--min-clip-i``, ``--max-attempts``).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    thresholds: dict[str, float]
+    max_attempts: int = 1
+
+    @field_validator("thresholds", mode="before")
+    @classmethod
+    def _thresholds(cls, value: Any) -> dict[str, float]:
+        if not isinstance(value, Mapping):
+            raise ValueError(f"thresholds must map metric names to minimum scores, got {value!r}")
+        out = {}
+        for name, minimum in value.items():
+            if name not in GATE_METRICS:
+                raise ValueError(f"unknown gate metric {name!r}: known metrics are {list(GATE_METRICS)} "
+                                 f"(options {', '.join(gate_option(m) for m in GATE_METRICS)})")
+            if isinstance(minimum, bool) or not isinstance(minimum, numbers.Real) or not math.isfinite(minimum):
+                raise ValueError(f"{gate_option(name)} must be a finite number (a score x100, as the metrics), "
+                                 f"got {minimum!r}")
+            out[name] = float(minimum)
+        if not out:
+            raise ValueError("a quality gate needs at least one threshold: "
+                             + ", ".join(gate_option(m) for m in GATE_METRICS))
+        return {name: out[name] for name in GATE_METRICS if name in out}
+
+    @field_validator("max_attempts", mode="before")
+    @classmethod
+    def _max_attempts(cls, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= value <= MAX_ATTEMPTS:
+            raise ValueError(f"--max-attempts must be an integer in [1, {MAX_ATTEMPTS}], got {value!r}")
+        return int(value)
+
+    @classmethod
+    def from_options(cls, max_attempts: int = 1, **minimums: float | None) -> "GateSpec | None":
+        """``batch submit`` options (``min_clip_t=..., min_dino=..., max_attempts=...``) -> a gate, or None when no
+        minimum is given. Raises ``ValueError`` naming the option (``--max-attempts 3`` alone is an error: there
+        would be nothing to regenerate for)."""
+        thresholds = {name.removeprefix("min_"): v for name, v in minimums.items() if v is not None}
+        if not thresholds:
+            if max_attempts != 1:
+                raise ValueError(f"--max-attempts {max_attempts} needs a threshold to retry for: "
+                                 + ", ".join(gate_option(m) for m in GATE_METRICS))
+            return None
+        try:
+            return cls(thresholds=thresholds, max_attempts=max_attempts)
+        except ValidationError as exc:
+            raise ValueError(_messages(exc)) from None
+
+    def failed(self, scores: Mapping[str, float | None]) -> list[str]:
+        """The metrics of one image's ``scores`` under their minimum, in ``GATE_METRICS`` order (a missing score
+        fails: an image that cannot be scored does not pass)."""
+        return [name for name, minimum in self.thresholds.items()
+                if scores.get(name) is None or scores[name] < minimum]  # type: ignore[operator]
+
+
+class GateAttempt(BaseModel):
+    """One image made for slot ``k`` of a row under the gate: attempt ``attempt`` (0-based) with seed
+    ``GenerationRow.image_seed(k, attempt)``, its scores, whether it passed and the metrics that failed. ``image``
+    is where it was written: ``{out}/images/{row_id}/{k}.png`` when it is the slot's final image (the first passing
+    attempt, else the last one), else ``{out}/images/{row_id}/attempts/{k}-{attempt}.png``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    k: Int = Field(ge=0)
+    attempt: Int = Field(ge=0, lt=MAX_ATTEMPTS)
+    seed: Int = Field(ge=0)
+    image: str
+    clip_t: Optional[float] = None
+    clip_r: Optional[float] = None
+    clip_i: Optional[float] = None
+    clip_i_crop: Optional[float] = None
+    dino: Optional[float] = None
+    passed: bool
+    failed: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "GateAttempt":
+        if self.passed == bool(self.failed):
+            raise ValueError(f"attempt {self.attempt} of image {self.k}: passed={self.passed} but "
+                             f"failed={self.failed} (passed means no failed metric)")
+        return self
+
+
 class ResultRow(BaseModel):
-    """What happened to one accepted row. Metric lists hold one value per image (scores x100, as in the paper);
-    CLIP-I and DINO are the mean over the row's subjects. A list is empty when that metric was not computed."""
+    """What happened to one accepted row. Metric lists hold one value per (final) image (scores x100, as in the
+    paper); CLIP-I and DINO are the mean over the row's subjects. A list is empty when that metric was not computed.
+
+    Under a quality gate, ``gate`` says whether every final image passed and ``attempts`` records every image made
+    (sorted by ``k``, then ``attempt``); ``attempt`` is the number of attempts of the most-tried image (1 without a
+    gate). ``None`` in a field with a default (a column missing from an older results file) means the default."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -195,13 +319,25 @@ class ResultRow(BaseModel):
     seconds_metrics: float = Field(0.0, ge=0.0)
     lora_cache_hit: Optional[bool] = None
     subject_cache_hits: Int = Field(0, ge=0)
-    attempt: Int = Field(1, ge=1)
+    attempt: Int = Field(1, ge=1, le=MAX_ATTEMPTS)  # attempts of the most-tried image
+    gate: Optional[Literal["passed", "failed"]] = None  # None: no gate (or the row failed)
+    attempts: list[GateAttempt] = Field(default_factory=list)  # every image made under the gate
     finished_at: str = Field(default_factory=_utc_now)  # ISO 8601, UTC
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_mean_default(cls, data: Any) -> Any:
+        return _nulls_mean_default(cls, data)
 
     @model_validator(mode="after")
     def _consistent(self) -> "ResultRow":
         if self.status == "error" and not self.error:
             raise ValueError(f"row {self.row_id!r}: status 'error' needs an error message")
+        if self.gate is not None and self.status != "ok":
+            raise ValueError(f"row {self.row_id!r}: gate {self.gate!r} on a row with status {self.status!r}")
+        if self.attempts and self.attempt != 1 + max(a.attempt for a in self.attempts):
+            raise ValueError(f"row {self.row_id!r}: attempt={self.attempt} but its attempts go up to index "
+                             f"{max(a.attempt for a in self.attempts)} (attempt counts them, from 1)")
         for name in ("clip_t", "clip_r", "clip_i", "clip_i_crop", "dino"):
             values = getattr(self, name)
             if values and len(values) != len(self.images):
