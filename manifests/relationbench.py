@@ -11,6 +11,7 @@ carrying). The template texts are the paper's, verbatim (including "on the divin
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
@@ -18,6 +19,7 @@ from manifests import storage
 from manifests.schema import GenerationRow
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+KINDS = ("single", "multi")  # single-subject and two-subject cases (the paper's Single-object | Multi-object)
 
 Box = tuple[float, float, float, float]
 
@@ -49,6 +51,8 @@ _RIDING: Box = (0.3, 0.08, 0.7, 0.62)  # the rider sits above the bike / horse /
 _SIDE_BY_SIDE = ((0.06, 0.18, 0.5, 0.92), (0.5, 0.18, 0.94, 0.92))
 _CLOSE = ((0.14, 0.15, 0.56, 0.92), (0.44, 0.15, 0.86, 0.92))  # touching: hugging, kissing, wrestling, dancing
 _APART = ((0.02, 0.25, 0.4, 0.92), (0.6, 0.25, 0.98, 0.92))  # a table / a piste between them
+# Public layouts (one box per subject), the data engine's defaults (manifests.relation_spec).
+STANDING_LAYOUT, SIDE_BY_SIDE_LAYOUT, CLOSE_LAYOUT = (_STANDING,), _SIDE_BY_SIDE, _CLOSE
 
 TEMPLATES: tuple[Template, ...] = (
     Template(1, "playing_guitar", "A {} is playing guitar on a park bench.", "playing guitar", ((0.25, 0.2, 0.75, 0.9),)),
@@ -113,8 +117,7 @@ def subjects_from_dir(directory: str) -> list[tuple[str, str]]:
     return [(subject_name(u), u) for u in sorted(uris)]
 
 
-def _row(kind: str, i: int, tmpl: Template, chosen: list[tuple[str, str]], seed: int,
-         width: int, height: int) -> GenerationRow:
+def _row(kind: str, i: int, tmpl: Template, chosen: list[tuple[str, str]], seed: int, options: dict) -> GenerationRow:
     names = [name for name, _ in chosen]
     return GenerationRow(
         row_id=f"rb-{kind}-{i:04d}",
@@ -123,33 +126,64 @@ def _row(kind: str, i: int, tmpl: Template, chosen: list[tuple[str, str]], seed:
         relation_phrase=tmpl.phrase,
         subjects=[{"image": uri, "phrase": name, "box": list(box)} for (name, uri), box in zip(chosen, tmpl.boxes)],
         seed=seed,
-        width=width,
-        height=height,
-        metadata={"benchmark": "relationbench", "template": str(tmpl.number), "subjects": ", ".join(names)},
+        **options,
+        metadata={"benchmark": "relationbench", "kind": kind, "template": str(tmpl.number),
+                  "subjects": ", ".join(names)},
     )
 
 
+def case_kind(row: GenerationRow) -> str:
+    """``"single"`` or ``"multi"``: the row's ``metadata["kind"]`` when set, else from its subject count."""
+    kind = row.metadata.get("kind")
+    if kind in KINDS:
+        return kind
+    return "single" if len(row.subjects) == 1 else "multi"
+
+
+def _selected(relations: Iterable[str] | None) -> tuple[tuple[Template, ...], tuple[Template, ...]]:
+    """(single, multi) templates, restricted to ``relations`` when given (each must be a RelationBench id)."""
+    if relations is None:
+        return SINGLE_TEMPLATES, MULTI_TEMPLATES
+    wanted = list(relations)
+    if not wanted:
+        raise ValueError("relations must name at least one RelationBench relation id (or be None for all 25), got []")
+    keep = {template(r).relation for r in wanted}
+    return (tuple(t for t in SINGLE_TEMPLATES if t.relation in keep),
+            tuple(t for t in MULTI_TEMPLATES if t.relation in keep))
+
+
 def build_cases(subjects: list[tuple[str, str]], n_single: int = 100, n_multi: int = 100, seed: int = 0,
-                width: int = 1024, height: int = 1024) -> list[GenerationRow]:
+                width: int = 1024, height: int = 1024, steps: int = 30, num_images: int = 1,
+                relations: Iterable[str] | None = None) -> list[GenerationRow]:
     """RelationBench cases: ``n_single`` single-subject rows then ``n_multi`` two-subject rows.
 
     Templates are used round-robin (every template appears once ``n_single >= 14`` and ``n_multi >= 11``); subjects
     are drawn at random without replacement within a case (two distinct images for a two-subject template); each
-    row gets its own generation seed. The same arguments give the same rows.
+    row gets its own generation seed. The same arguments give the same rows. ``steps``, ``num_images``, ``width``
+    and ``height`` go to every row unchanged (they do not change the draw). ``relations`` keeps only those
+    templates (e.g. the relations that have a LoRA); a kind with cases wanted but no template kept is an error.
     """
     if n_single < 0 or n_multi < 0:
         raise ValueError(f"n_single and n_multi must be >= 0, got {n_single} and {n_multi}")
+    relations = None if relations is None else list(relations)
+    singles, multis = _selected(relations)
+    for n, kept, name in ((n_single, singles, "n_single"), (n_multi, multis, "n_multi")):
+        if n and not kept:
+            raise ValueError(f"relations {sorted(relations or [])!r} hold no "
+                             f"{'single' if name == 'n_single' else 'two'}-subject template, but {name}={n}; "
+                             f"pass {name}=0 or add such a relation")
     by_uri = list({str(uri): (str(name), str(uri)) for name, uri in subjects}.values())  # one entry per image
     if n_single and not by_uri:
         raise ValueError("subjects must hold at least one (name, image) pair, got none")
     if n_multi and len(by_uri) < 2:
         raise ValueError(f"two-subject cases need at least 2 distinct subject images, got {by_uri!r}")
+    options = dict(width=width, height=height, steps=steps, num_images=num_images)
     rng = random.Random(seed)
     rows = []
     for i in range(n_single):
-        tmpl = SINGLE_TEMPLATES[i % len(SINGLE_TEMPLATES)]
-        rows.append(_row("single", i, tmpl, [rng.choice(by_uri)], rng.randrange(2**31), width, height))
+        tmpl = singles[i % len(singles)]
+        rows.append(_row("single", i, tmpl, [rng.choice(by_uri)], rng.randrange(2**31), options))
     for i in range(n_multi):
-        tmpl = MULTI_TEMPLATES[i % len(MULTI_TEMPLATES)]
-        rows.append(_row("multi", i, tmpl, rng.sample(by_uri, 2), rng.randrange(2**31), width, height))
+        tmpl = multis[i % len(multis)]
+        rows.append(_row("multi", i, tmpl, rng.sample(by_uri, 2), rng.randrange(2**31), options))
     return rows

@@ -13,6 +13,7 @@ from manifests.relationbench import (
     SINGLE_TEMPLATES,
     TEMPLATES,
     build_cases,
+    case_kind,
     subject_name,
     subjects_from_dir,
     template,
@@ -89,3 +90,52 @@ def test_cases_round_trip_as_a_manifest(subjects, tmp_path):
     accepted, rejected = read_manifest(str(tmp_path / "rb.parquet"), check_image=check_image_file,
                                        known_relations={t.relation for t in TEMPLATES})
     assert rejected == [] and accepted == rows
+
+
+def test_the_100_plus_100_cases_of_the_paper(subjects):
+    """The done-when: 100 + 100 cases, deterministic for a seed, every template used, two-subject templates only
+    with two (distinct) subjects; another seed draws other cases."""
+    rows = build_cases(subjects, seed=5)
+    single, multi = rows[:100], rows[100:]
+    assert len(single) == len(multi) == 100
+    assert {r.relation for r in single} == {t.relation for t in SINGLE_TEMPLATES}
+    assert {r.relation for r in multi} == {t.relation for t in MULTI_TEMPLATES}
+    assert all(len(r.subjects) == 1 and template(r.relation).num_subjects == 1 for r in single)
+    assert all(len(r.subjects) == 2 and template(r.relation).num_subjects == 2 for r in multi)
+    assert all(len({s.image for s in r.subjects}) == 2 for r in multi)
+    assert [case_kind(r) for r in rows] == ["single"] * 100 + ["multi"] * 100
+    assert build_cases(subjects, seed=5) == rows
+    other = build_cases(subjects, seed=6)
+    assert [(r.seed, [s.image for s in r.subjects]) for r in other] != [(r.seed, [s.image for s in r.subjects])
+                                                                        for r in rows]
+    drawn = Counter(s.image for r in rows for s in r.subjects)
+    assert set(drawn) == {uri for _, uri in subjects}  # every subject gets drawn
+
+
+def test_generation_settings_do_not_change_the_draw(subjects):
+    rows = build_cases(subjects, n_single=14, n_multi=11, seed=2)
+    tiny = build_cases(subjects, n_single=14, n_multi=11, seed=2, width=64, height=64, steps=2, num_images=3)
+    assert all((r.steps, r.num_images, r.width, r.height) == (2, 3, 64, 64) for r in tiny)
+    assert all(r.steps == 30 and r.num_images == 1 for r in rows)
+    same = lambda r: r.model_copy(update=dict(steps=30, num_images=1, width=1024, height=1024))  # noqa: E731
+    assert [same(r) for r in tiny] == rows
+
+
+def test_relations_filter_keeps_only_their_templates(subjects):
+    rows = build_cases(subjects, n_single=3, n_multi=4, relations=["hugging", "dancing", "shaking_hands"])
+    assert [r.relation for r in rows] == ["dancing"] * 3 + ["shaking_hands", "hugging"] * 2
+    assert [r.row_id for r in rows[3:5]] == ["rb-multi-0000", "rb-multi-0001"]
+    assert build_cases(subjects, n_single=0, n_multi=2, relations=("hugging",))[1].relation == "hugging"
+    with pytest.raises(ValueError, match=r"no single-subject template, but n_single=100"):
+        build_cases(subjects, relations=["hugging"])
+    with pytest.raises(ValueError, match="expected one of"):
+        build_cases(subjects, relations=["levitating"])
+    with pytest.raises(ValueError, match="at least one"):
+        build_cases(subjects, relations=[])
+
+
+def test_case_kind_from_metadata_or_subjects(subjects):
+    single, multi = build_cases(subjects, n_single=1, n_multi=1)
+    assert single.metadata["kind"] == "single" and multi.metadata["kind"] == "multi"
+    assert case_kind(multi.model_copy(update={"metadata": {}})) == "multi"
+    assert case_kind(single.model_copy(update={"metadata": {"kind": "other"}})) == "single"
