@@ -30,6 +30,14 @@ def tiny_dir(_model_home) -> Path:
     return tiny_model_dir()
 
 
+@pytest.fixture(scope="session")
+def annotators_dir(_model_home) -> Path:
+    """The tiny annotators (owlv2/ sam/ dinov2/ vitpose/ blip/), built once per session."""
+    from dreamrelation.annotate import tiny_annotator_dir
+
+    return tiny_annotator_dir()
+
+
 @pytest.fixture(scope="module")
 def pipe(tiny_dir):
     """A fresh tiny pipeline per test module (tests that load LoRAs unload them again)."""
