@@ -265,8 +265,8 @@ app.add_typer(manifest_app, name="manifest")
 @batch_app.command("submit")
 def batch_submit(
     manifest: Annotated[str, typer.Argument(help="Parquet manifest: a path or any fsspec URL (s3://, gs://, ...).")],
-    output: Annotated[str, typer.Option(help="Output root (path or URL): images/, results/, rejected.parquet, "
-                                             "run.json, report.html.")] = "outputs/batch",
+    output: Annotated[str, typer.Option(help="Output root (path or URL): images/, results/, manifest.parquet, "
+                                             "rejected.parquet, run.json, report.html.")] = "outputs/batch",
     preset: Annotated[str, typer.Option(help="'tiny' (built-in miniature model, noise images), 'sdxl' (public "
                                              "weights) or a model folder.")] = "tiny",
     loras: Annotated[Optional[str], typer.Option(
@@ -289,11 +289,27 @@ def batch_submit(
         help="Check before the run that every distinct subject image exists and is an image (one small read each; "
              "turn off for manifests with very many distinct images: bad ones then become per-row errors).")] = True,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    min_clip_t: Annotated[Optional[float], typer.Option(
+        help="Quality gate: minimum CLIP-T (x100) of an image; one under it is made again with its next seed.",
+        rich_help_panel="Quality gate")] = None,
+    min_clip_r: Annotated[Optional[float], typer.Option(help="Quality gate: minimum CLIP-R (x100).",
+                                                        rich_help_panel="Quality gate")] = None,
+    min_clip_i: Annotated[Optional[float], typer.Option(help="Quality gate: minimum CLIP-I (x100, mean over "
+                                                             "subjects).", rich_help_panel="Quality gate")] = None,
+    min_clip_i_crop: Annotated[Optional[float], typer.Option(help="Quality gate: minimum CLIP-I of the box crops.",
+                                                             rich_help_panel="Quality gate")] = None,
+    min_dino: Annotated[Optional[float], typer.Option(help="Quality gate: minimum DINO (x100, mean over subjects).",
+                                                      rich_help_panel="Quality gate")] = None,
+    max_attempts: Annotated[int, typer.Option(
+        help="Quality gate: images made at most per image (1-20; seed + k + attempt * num_images). Rejected "
+             "attempts stay under images/{row_id}/attempts/.", rich_help_panel="Quality gate")] = 1,
 ) -> None:
     """Generate every row of MANIFEST on a Ray actor pool; write images, per-row results and run.json.
 
     Invalid rows go to OUTPUT/rejected.parquet with the field and the reason; the other rows go on.
-    Submitting again resumes: rows that already have a result are skipped.
+    Submitting again resumes: rows that already have a result are skipped. With --min-* thresholds, an image under
+    one is regenerated with the next seed until it passes or --max-attempts images were made; each result row
+    records every attempt and whether the row passed.
     """
     from manifests.io import ManifestError
 
@@ -301,6 +317,13 @@ def batch_submit(
                         ("--lora-cache-size", lora_cache_size)):
         if value < 1:
             _fail(f"{name} must be >= 1, got {value}")
+    from manifests.schema import GateSpec
+
+    try:
+        gate = GateSpec.from_options(max_attempts=max_attempts, min_clip_t=min_clip_t, min_clip_r=min_clip_r,
+                                     min_clip_i=min_clip_i, min_clip_i_crop=min_clip_i_crop, min_dino=min_dino)
+    except ValueError as exc:
+        _fail(str(exc))
     logging.basicConfig(level=logging.WARNING)
     from tqdm import tqdm
 
@@ -309,8 +332,11 @@ def batch_submit(
 
     if loras is None:
         loras = _default_loras(manifest)
-    worker = WorkerConfig(output=output, preset=preset, loras=loras, device=device, metrics=metrics,
-                          max_batch_images=max_batch_images, lora_cache_size=lora_cache_size)
+    try:
+        worker = WorkerConfig(output=output, preset=preset, loras=loras, device=device, metrics=metrics,
+                              max_batch_images=max_batch_images, lora_cache_size=lora_cache_size, gate=gate)
+    except ValueError as exc:  # a gate without metrics
+        _fail(str(exc))
     config = JobConfig(manifest=manifest, output=output, worker=worker, preset=preset, loras=loras, actors=actors,
                        gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, batch_size=batch_size,
                        address=address, resume=resume, check_images=check_images)
@@ -335,6 +361,10 @@ def batch_submit(
     typer.echo(f"read {summary['read']}  accepted {summary['accepted']}  rejected {summary['rejected']}  "
                f"skipped {summary['skipped']}  ok {summary['ok']}  error {summary['error']}  "
                f"images {summary['images']}  ({summary['images_per_second']} images/s)")
+    if summary.get("gate"):
+        g = summary["gate"]
+        typer.echo(f"gate: passed {g['passed']}  failed {g['failed']}  attempts {g['attempts']}  "
+                   f"extra images {g['extra_images']}")
     if summary["rejected"]:
         typer.echo(f"rejected rows and reasons: {output.rstrip('/')}/rejected.parquet")
     typer.echo(f"report: {report}")
@@ -368,6 +398,62 @@ def batch_report(output: Annotated[str, typer.Argument(help="Output root of a ru
         typer.echo(render_report(output))
     except FileNotFoundError as exc:
         _fail(str(exc))
+
+
+@batch_app.command("export")
+def batch_export(
+    output: Annotated[str, typer.Argument(help="Output root of a batch run (path or URL).")],
+    format: Annotated[str, typer.Option("--format", help="hf (Parquet shards for `datasets`), webdataset (tar "
+                                                         "shards) or coco (annotations.json + images/).")],
+    to: Annotated[str, typer.Option("--to", help="Destination folder (path or URL, e.g. s3://bucket/ds); an earlier "
+                                                 "export there is replaced.")],
+    min_clip_t: Annotated[Optional[float], typer.Option(help="Keep images with CLIP-T (x100) >= this.")] = None,
+    min_clip_r: Annotated[Optional[float], typer.Option(help="Keep images with CLIP-R (x100) >= this.")] = None,
+    min_clip_i: Annotated[Optional[float], typer.Option(help="Keep images with CLIP-I (x100) >= this.")] = None,
+    min_clip_i_crop: Annotated[Optional[float], typer.Option(help="Keep images with CLIP-I of the box crops >= "
+                                                                  "this.")] = None,
+    min_dino: Annotated[Optional[float], typer.Option(help="Keep images with DINO (x100) >= this.")] = None,
+    passed_only: Annotated[bool, typer.Option("--passed-only", help="Keep only rows that passed the quality gate "
+                                                                    "(rows of a run without a gate are kept).")] = False,
+    shard_size: Annotated[int, typer.Option(help="Images per Parquet / tar shard.")] = 500,
+) -> None:
+    """Export the images of a run as a labelled relation dataset, with a dataset card (README.md)."""
+    from manifests.export import FORMATS, ExportError, ExportFilter, export_run
+
+    if format not in FORMATS:
+        _fail(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
+    if shard_size < 1:
+        _fail(f"--shard-size must be >= 1, got {shard_size}")
+    minimums = dict(min_clip_t=min_clip_t, min_clip_r=min_clip_r, min_clip_i=min_clip_i,
+                    min_clip_i_crop=min_clip_i_crop, min_dino=min_dino)
+    for name, value in minimums.items():
+        if value is not None and not math.isfinite(value):
+            _fail(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+    filters = ExportFilter(**minimums, passed_only=passed_only)
+    logging.basicConfig(level=logging.WARNING)
+    from tqdm import tqdm
+
+    from dreamrelation.relation_phrase import relation_phrase
+
+    bar = tqdm(total=0, unit="image", desc=f"exporting ({format})")
+
+    def progress(done: int, total: int) -> None:
+        bar.total, bar.n = total, done
+        bar.refresh()
+
+    try:
+        summary = export_run(output, format, to, filters, shard_size=shard_size, relation_phrase=relation_phrase,
+                             progress=progress)
+    except (ExportError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    finally:
+        bar.close()
+    dropped = ", ".join(f"{k} {v}" for k, v in summary["filtered_out"].items()) or "none"
+    typer.echo(f"samples {summary['samples']}  rows {summary['rows']}  images in run {summary['images']}  "
+               f"filtered out: {dropped}  rows with errors {summary['rows_error']}")
+    for uri in summary["missing_images"]:
+        typer.echo(f"missing image (skipped): {uri}")
+    typer.echo(f"files: {len(summary['files'])} under {to}  (card: {summary['files'][-1]})")
 
 
 @manifest_app.command("validate")
@@ -441,6 +527,84 @@ def manifest_relationbench(
     typer.echo(f"{len(rows)} cases written to {output}")
 
 
+eval_app = typer.Typer(help="Benchmarks: RelationBench (the paper's Tables 2 and 3) over named configurations.",
+                       no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
+
+
+@eval_app.command("relationbench")
+def eval_relationbench(
+    subjects_dir: Annotated[str, typer.Argument(help="Folder of subject images (path or URL); the file name is the "
+                                                     "phrase (plushie_bear.png -> 'plushie bear').")],
+    config: Annotated[Optional[list[str]], typer.Option(
+        "--config", help="A configuration (repeat): 'base' (no relation LoRA), 'lora' (the --loras registry), "
+                         "'no-local-tokens' (--loras, local tokens off), NAME=URI (a LoRA registry or one LoRA "
+                         "folder, e.g. no-kml=s3://b/loras-nokml), NAME=URI:no-local-tokens.")] = None,
+    output: Annotated[str, typer.Option(help="Output root (path or URL): cases.parquet, runs/NAME/, tables.md/.csv, "
+                                             "per_relation.md/.csv, plots/, gallery.html, eval.json.")
+                      ] = "outputs/relationbench",
+    loras: Annotated[Optional[str], typer.Option(help="LoRA registry of 'lora' and 'no-local-tokens'.")] = None,
+    n_single: Annotated[int, typer.Option(help="Single-subject cases.")] = 100,
+    n_multi: Annotated[int, typer.Option(help="Two-subject cases.")] = 100,
+    seed: Annotated[int, typer.Option(help="Seed of the case draw.")] = 0,
+    relations: Annotated[Optional[str], typer.Option(
+        help="Comma-separated relation ids: keep only their templates (e.g. those with a LoRA).")] = None,
+    allow_missing: Annotated[bool, typer.Option(
+        "--allow-missing", help="Run cases whose relation has no LoRA in a configuration without one (recorded) "
+                                "instead of failing before the run.")] = False,
+    preset: Annotated[str, typer.Option(help="'tiny' (noise images), 'sdxl' or a model folder.")] = "tiny",
+    steps: Annotated[int, typer.Option(help="Denoising steps per image.")] = 30,
+    size: Annotated[int, typer.Option(help="Image width and height (a multiple of 8).")] = 1024,
+    num_images: Annotated[int, typer.Option(help="Images per case (seeds seed, seed+1, ...).")] = 1,
+    actors: Annotated[int, typer.Option(help="Generation actors per configuration.")] = 1,
+    batch_size: Annotated[int, typer.Option(help="Rows per actor call.")] = 4,
+    gpus_per_actor: Annotated[Optional[float], typer.Option(help="GPUs per actor (default: 1 with GPUs).")] = None,
+    cpus_per_actor: Annotated[Optional[float], typer.Option(help="CPUs per actor (default: 0.5 without GPUs).")
+                              ] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    address: Annotated[Optional[str], typer.Option(help="Ray cluster address; default: a local Ray.")] = None,
+    resume: Annotated[bool, typer.Option(help="Keep the results a previous run wrote under OUTPUT.")] = True,
+) -> None:
+    """Run RelationBench once per --config and write the paper's Tables 2/3, per-relation tables, plots, gallery."""
+    from tqdm import tqdm
+
+    from batch.evaluate import EvalConfig, run_evaluation
+
+    if not config:
+        _fail("--config must be given at least once (e.g. --config base --config lora)")
+    for name, value in (("--steps", steps), ("--num-images", num_images), ("--actors", actors),
+                        ("--batch-size", batch_size)):
+        if value < 1:
+            _fail(f"{name} must be >= 1, got {value}")
+    if size < 64 or size % 8:
+        _fail(f"--size must be a multiple of 8 and >= 64, got {size}")
+    ids = None if relations is None else tuple(r.strip() for r in relations.split(",") if r.strip())
+    cfg = EvalConfig(subjects_dir=subjects_dir, output=output, configs=tuple(config), loras=loras, n_single=n_single,
+                     n_multi=n_multi, seed=seed, relations=ids, preset=preset, steps=steps, width=size, height=size,
+                     num_images=num_images, allow_missing=allow_missing, actors=actors, batch_size=batch_size,
+                     gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, device=device, address=address,
+                     resume=resume)
+    logging.basicConfig(level=logging.WARNING)
+    bar = tqdm(total=0, unit="row", desc="relationbench")
+
+    def progress(name: str, done: int, total: int) -> None:
+        bar.set_description(name)
+        bar.total, bar.n = total, done
+        bar.refresh()
+
+    try:
+        summary = run_evaluation(cfg, progress=progress)
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    finally:
+        bar.close()
+    from manifests import storage
+
+    typer.echo(storage.read_bytes(summary["files"]["tables.md"]).decode())
+    for name, uri in summary["files"].items():
+        typer.echo(f"{name}: {uri}")
+
+
 data_app = typer.Typer(help="Relation fine-tuning data: triplets (subject images, target, keypoints).",
                        no_args_is_help=True)
 train_app = typer.Typer(help="Fine-tune relation LoRAs (in parallel on Ray) and distill the local encoder.",
@@ -479,6 +643,99 @@ def data_import_public(
     write_triplets(keep + records, output)
     typer.echo(f"{len(records)} triplets of {relation!r} written to {output} ({len(problems)} skipped)")
 
+
+
+@data_app.command("generate")
+def data_generate(
+    spec: Annotated[str, typer.Argument(help="Relation specs, YAML or JSONL (path or URL); see "
+                                             "manifests/examples/relation_spec.yaml.")],
+    output: Annotated[str, typer.Option(help="Dataset root (path or URL): triplets.parquet, images/, outcomes/, "
+                                             "dropped.parquet, engine.json.")] = "outputs/engine",
+    preset: Annotated[str, typer.Option(help="'tiny' (built-in miniature models, noise images), 'sdxl' (public "
+                                             "weights) or a model folder; also picks the annotators.")] = "tiny",
+    generator: Annotated[str, typer.Option(help="'pipeline' (our SDXL stack) or 'api' (an OpenAI-compatible "
+                                                "images API).")] = "pipeline",
+    api_base: Annotated[Optional[str], typer.Option(help="Images API base URL, e.g. https://api.openai.com/v1 "
+                                                         "(--generator api).")] = None,
+    api_key_env: Annotated[str, typer.Option(help="Environment variable holding the API key.")] = "OPENAI_API_KEY",
+    api_model: Annotated[str, typer.Option(help="Images API model.")] = "gpt-image-1",
+    api_size: Annotated[str, typer.Option(help="Images API size, WxH or auto.")] = "1024x1024",
+    actors: Annotated[int, typer.Option(help="Generation actors (one model each).")] = 1,
+    annotate_actors: Annotated[Optional[int], typer.Option(help="Annotation actors (default: --actors).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Samples per actor call.")] = 4,
+    gpus_per_actor: Annotated[Optional[float], typer.Option(
+        help="GPUs per actor of each pool (default: 0.5 when the cluster has GPUs, else 0).")] = None,
+    cpus_per_actor: Annotated[Optional[float], typer.Option(
+        help="CPUs per actor (default: 0.5 without GPUs, so that Ray Data keeps CPUs for its own tasks).")] = None,
+    address: Annotated[Optional[str], typer.Option(
+        help="Ray cluster address; default: a local Ray started in-process.")] = None,
+    executor: Annotated[str, typer.Option(help="'ray', or 'local' (both stages in this process, no Ray).")] = "ray",
+    resume: Annotated[bool, typer.Option(help="Skip samples that already have an outcome under OUTPUT "
+                                              "(--no-resume starts over).")] = True,
+    retry_errors: Annotated[bool, typer.Option(help="On resume, rerun samples dropped for a generation or "
+                                                    "annotation error.")] = False,
+    detection_threshold: Annotated[float, typer.Option(help="OWLv2 score a detection needs.")] = 0.1,
+    max_instances: Annotated[int, typer.Option(help="Detections allowed per subject (1: found exactly once).")] = 1,
+    min_keypoint_confidence: Annotated[float, typer.Option(help="Mean keypoint-match confidence each subject "
+                                                                "needs, in [0, 1].")] = 0.5,
+    visibility_threshold: Annotated[float, typer.Option(help="Keypoints less confident than this get "
+                                                             "visibility 0.")] = 0.5,
+    min_clip_r: Annotated[Optional[float], typer.Option(help="CLIP-R (x100) the target needs; default: "
+                                                             "recorded, not gated.")] = None,
+    min_layout_iou: Annotated[Optional[float], typer.Option(help="IoU each subject's box needs with its layout "
+                                                                 "box; default: recorded, not gated.")] = None,
+    max_subject_iou: Annotated[float, typer.Option(help="Drop when two subjects' boxes overlap more than this "
+                                                        "(1 disables).")] = 0.8,
+    caption: Annotated[bool, typer.Option(help="Caption each kept target (BLIP) into its metadata.")] = False,
+    feature_size: Annotated[Optional[int], typer.Option(help="DINOv2 input side for keypoint transfer, a multiple "
+                                                             "of its patch (default: 448; 64 for tiny).")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+) -> None:
+    """Make relation triplets (paper 3.3): generate subject and target images, annotate, gate, write triplets.
+
+    Kept triplets go to OUTPUT/triplets.parquet (what `train relations` reads); dropped samples, with their stage
+    and reason, to OUTPUT/dropped.parquet; counts to OUTPUT/engine.json. Running again resumes.
+    """
+    from batch.engine_job import EngineJobConfig, EngineJobError, run
+    from batch.engine_worker import EngineConfig
+    from dreamrelation.engine import GateConfig
+
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        gates = GateConfig(detection_threshold=detection_threshold, max_instances=max_instances,
+                           min_keypoint_confidence=min_keypoint_confidence, visibility_threshold=visibility_threshold,
+                           min_clip_r=min_clip_r, min_layout_iou=min_layout_iou, max_subject_iou=max_subject_iou)
+        engine = EngineConfig(output=output, preset=preset, generator=generator, api_base=api_base,
+                              api_key_env=api_key_env, api_model=api_model, api_size=api_size, device=device,
+                              caption=caption, feature_size=feature_size, gates=gates)
+        config = EngineJobConfig(spec=spec, output=output, engine=engine, generate_actors=actors,
+                                 annotate_actors=annotate_actors or actors, batch_size=batch_size,
+                                 gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, address=address,
+                                 resume=resume, retry_errors=retry_errors, executor=executor)
+    except ValueError as exc:
+        _fail(str(exc))
+    from tqdm import tqdm
+
+    bar = tqdm(total=0, unit="sample", desc="making triplets")
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    try:
+        summary = run(config, progress=progress)
+    except (FileNotFoundError, ValueError, EngineJobError) as exc:
+        _fail(str(exc))
+    finally:
+        bar.close()
+    typer.echo(f"planned {summary['planned']}  made {summary['made']}  dropped {summary['dropped']}  "
+               f"skipped {summary['skipped']}  ({summary['total']['made']} triplets in the dataset)")
+    for reason, n in summary["dropped_by_reason"].items():
+        typer.echo(f"  dropped {n}: {reason}")
+    typer.echo(f"triplets: {summary['triplets']}")
+    if summary["total"]["dropped"]:
+        typer.echo(f"dropped samples and reasons: {summary['dropped_file']}")
 
 @train_app.command("relations")
 def train_relations(

@@ -60,6 +60,22 @@ def _per_row(value: Any, batch: int, name: str) -> list:
     return [value] * batch
 
 
+def _check_sampling(height: int, width: int, num_inference_steps: int, guidance_scale: float) -> None:
+    """The sampling settings every call shares; ``ValueError`` naming the field and the bad value."""
+    for name, v in (("height", height), ("width", width)):
+        if not isinstance(v, int) or v <= 0 or v % 8:
+            raise ValueError(f"{name} must be a positive integer divisible by 8, got {v!r}")
+    if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
+    if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or guidance_scale < 0:
+        raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
+
+
+def _check_seed(seed: Any, name: str) -> None:
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+        raise ValueError(f"{name} must be an integer in [0, 2**63), got {seed!r}")
+
+
 class DreamRelationPipeline(StableDiffusionXLPipeline):
     """Relation-aware customized generation (DreamRelation, paper section 3.4) on SDXL.
 
@@ -153,13 +169,7 @@ class DreamRelationPipeline(StableDiffusionXLPipeline):
     def check_inputs(self, rows: Rows, height: int, width: int, num_inference_steps: int, guidance_scale: float,
                      subject_embeds: torch.Tensor | None = None) -> None:  # type: ignore[override]
         """Raise ``ValueError`` naming the field and the bad value."""
-        for name, v in (("height", height), ("width", width)):
-            if not isinstance(v, int) or v <= 0 or v % 8:
-                raise ValueError(f"{name} must be a positive integer divisible by 8, got {v!r}")
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
-        if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
+        _check_sampling(height, width, num_inference_steps, guidance_scale)
         counts = set()
         for r, prompt in enumerate(rows.prompts):
             if not isinstance(prompt, str) or not prompt.strip():
@@ -182,9 +192,7 @@ class DreamRelationPipeline(StableDiffusionXLPipeline):
                 for j, img in enumerate(rows.images[r]):
                     if not isinstance(img, PIL.Image.Image):
                         raise ValueError(f"subject_images[{r}][{j}] must be a PIL image, got {type(img).__name__}")
-            seed = rows.seeds[r]
-            if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
-                raise ValueError(f"seed[{r}] must be an integer in [0, 2**63), got {seed!r}")
+            _check_seed(rows.seeds[r], f"seed[{r}]")
             s = rows.scales[r]
             if not isinstance(s, (int, float)) or not math.isfinite(s) or s < 0:
                 raise ValueError(f"scale[{r}] must be a finite number >= 0, got {s!r}")
@@ -281,6 +289,70 @@ class DreamRelationPipeline(StableDiffusionXLPipeline):
             box_t = torch.cat([torch.zeros_like(box_t), box_t])
             ip_scale = torch.cat([ip_scale, ip_scale])
 
+        latent_hw = (height // self.vae_scale_factor, width // self.vae_scale_factor)
+        attn_kwargs = {"ip_hidden_states": ip_tokens, "ip_boxes": box_t, "latent_hw": latent_hw, "ip_scale": ip_scale,
+                       "ip_masks": layout_masks(box_t, latent_hw, dtype)}  # masks built once, not per layer
+        return self._sample(prompt_embeds, neg_embeds, pooled, neg_pooled, rows.seeds, attn_kwargs, height=height,
+                            width=width, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                            output_type=output_type, progress=progress)
+
+    @torch.no_grad()
+    def text_to_image(
+        self,
+        prompts: str | list[str],
+        seeds: int | list[int] = 0,
+        height: int = DEFAULTS.height,
+        width: int = DEFAULTS.width,
+        steps: int = DEFAULTS.steps,
+        guidance: float = DEFAULTS.guidance,
+        negative_prompt: str | list[str] | None = None,
+        output_type: str = "pil",
+        progress: bool = False,
+    ) -> list[PIL.Image.Image]:
+        """Plain SDXL text-to-image: no image tokens (every masked processor does text-only attention) and no
+        relation LoRA (any loaded one is disabled for this call). One image per prompt, each with its own seed.
+
+        The data engine makes its subject images with it (paper 3.3: "a photo of a {class}, full body, plain
+        background"); the same seed gives the same image as in a batch of any size.
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts) if isinstance(prompts, (list, tuple)) \
+            else prompts
+        if not isinstance(prompts, list) or not prompts:
+            raise ValueError(f"prompts must be a string or a non-empty list of strings, got {prompts!r}")
+        for r, p in enumerate(prompts):
+            if not isinstance(p, str) or not p.strip():
+                raise ValueError(f"prompts[{r}] must be a non-empty string, got {p!r}")
+        seed_list = _per_row(seeds, len(prompts), "seeds")
+        for r, s in enumerate(seed_list):
+            _check_seed(s, f"seeds[{r}]")
+        negatives = _per_row(negative_prompt if negative_prompt is not None else DEFAULTS.negative_prompt,
+                             len(prompts), "negative_prompt")
+        for r, n in enumerate(negatives):
+            if not isinstance(n, str):
+                raise ValueError(f"negative_prompt[{r}] must be a string, got {n!r}")
+        _check_sampling(height, width, steps, guidance)
+        self._activate_relation(None)
+        prompt_embeds, neg_embeds, pooled, neg_pooled = self.encode_prompt(
+            prompt=prompts, device=self._execution_device, num_images_per_prompt=1,
+            do_classifier_free_guidance=guidance > 1.0, negative_prompt=negatives,
+        )
+        out = self._sample(prompt_embeds, neg_embeds, pooled, neg_pooled, seed_list, None, height=height,
+                           width=width, num_inference_steps=steps, guidance_scale=guidance, output_type=output_type,
+                           progress=progress)
+        return out.images
+
+    def _sample(self, prompt_embeds: torch.Tensor, neg_embeds: torch.Tensor | None, pooled: torch.Tensor,
+                neg_pooled: torch.Tensor | None, seeds: list[int], attn_kwargs: dict | None, *, height: int,
+                width: int, num_inference_steps: int, guidance_scale: float, output_type: str,
+                progress: bool) -> DreamRelationOutput:
+        """Steps shared by every generation: timesteps, seeded latents, micro-conditioning, denoising, decoding.
+
+        ``prompt_embeds`` (B, 77, D) and ``pooled`` (B, D2) of the rows (and the negatives when guidance > 1);
+        ``attn_kwargs``: what the attention processors get (image tokens, boxes, masks), None for text only.
+        """
+        device = self._execution_device
+        dtype = prompt_embeds.dtype
+        do_cfg = guidance_scale > 1.0
         # 4. Timesteps
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
@@ -291,19 +363,17 @@ class DreamRelationPipeline(StableDiffusionXLPipeline):
         shape = (1, self.unet.config.in_channels, *latent_hw)
         latents = torch.cat([
             torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s), dtype=torch.float32)
-            for s in rows.seeds
+            for s in seeds
         ]).to(device=device, dtype=dtype) * self.scheduler.init_noise_sigma  # (B, 4, h, w)
 
         # 6. SDXL micro-conditioning
         add_time_ids = self._get_add_time_ids(
             (height, width), (0, 0), (height, width), dtype=dtype,
             text_encoder_projection_dim=self.text_encoder_2.config.projection_dim,
-        ).to(device).repeat(b * (2 if do_cfg else 1), 1)
+        ).to(device).repeat(len(seeds) * (2 if do_cfg else 1), 1)
         if do_cfg:
             prompt_embeds = torch.cat([neg_embeds, prompt_embeds])
             pooled = torch.cat([neg_pooled, pooled])
-        attn_kwargs = {"ip_hidden_states": ip_tokens, "ip_boxes": box_t, "latent_hw": latent_hw, "ip_scale": ip_scale,
-                       "ip_masks": layout_masks(box_t, latent_hw, dtype)}  # masks built once, not per layer
         added = {"text_embeds": pooled, "time_ids": add_time_ids}
 
         # 7. Denoising loop
@@ -335,4 +405,3 @@ class DreamRelationPipeline(StableDiffusionXLPipeline):
         images = self.image_processor.postprocess(image, output_type=output_type)
         self.maybe_free_model_hooks()
         return DreamRelationOutput(images=images)
-
