@@ -1,0 +1,607 @@
+"""Keypoints for the data engine (paper sections 3.3 and 3.4.2): pick, carry over, or detect 17 points per subject.
+
+The paper annotates its triplets with X-Pose, which is on no registry (REFERENCE.md section 3). We do without it:
+
+* ``mask_points``: 17 points spread over a subject's mask in its own (subject) image, well inside the shape;
+* ``transfer_keypoints``: carries them to the target image by dense-feature correspondence: both subjects cropped
+  to one scale (by mask area), the cosine nearest neighbour of each point's descriptor among the target feature
+  cells inside the subject's target mask, refined to sub-cell precision, with a confidence from the similarity
+  and a forward-backward (mutual) check;
+* ``Dinov2Features`` (DINOv2 patch tokens, the engine's default) and ``ColourFeatures`` (weight-free multi-scale
+  colour, a fallback and the reference where the truth is known) are the dense descriptors;
+* ``VitPoseKeypoints``: the 17 COCO keypoints of a ``person`` subject (ViTPose), for subjects it knows.
+
+Coordinates: a pixel (x, y) is (column, row) with pixel centres at integers, so ``mask[round(y), round(x)]`` is
+the pixel a point lies in. A dense feature map (C, h, w) covers its image uniformly: cell (i, j) is centred on
+pixel ``((j + 0.5) * W / w - 0.5, (i + 0.5) * H / h - 0.5)``.
+
+ViTPose pre/post-processing is our own numpy/torch port of ``VitPoseImageProcessor`` (same box padding, affine crop,
+heatmap argmax + DARK refinement and inverse transform) because the transformers processor needs scipy or
+torchvision for both steps; it reads its settings (input size, mean, std, normalize factor) from the checkpoint's
+processor config, so tiny twins and real checkpoints load through the same code.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .data import COCO_KEYPOINTS
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DINOV2_ID",
+    "VITPOSE_ID",
+    "ColourFeatures",
+    "DenseFeatures",
+    "Dinov2Features",
+    "Transfer",
+    "VitPoseKeypoints",
+    "build_tiny_dinov2",
+    "build_tiny_vitpose",
+    "dinov2_base_config",
+    "mask_points",
+    "transfer_keypoints",
+    "vitpose_base_config",
+]
+
+DINOV2_ID = "facebook/dinov2-base"
+VITPOSE_ID = "usyd-community/vitpose-base-simple"
+DEFAULT_SIMILARITY_SCALE = 0.3  # for features without their own ``similarity_scale``
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# -------------------------------------------------------------------------------------------- mask points
+def _check_mask(mask: np.ndarray, name: str, shape: tuple[int, int] | None = None) -> np.ndarray:
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D (H, W) boolean array, got shape {mask.shape!r}")
+    if shape is not None and mask.shape != shape:
+        raise ValueError(f"{name} must have its image's shape (H, W) = {shape!r}, got {mask.shape!r}")
+    mask = mask.astype(bool)
+    if not mask.any():
+        raise ValueError(f"{name} is empty (no True pixel) in a {mask.shape[0]}x{mask.shape[1]} array")
+    return mask
+
+
+def _depth(mask: np.ndarray) -> np.ndarray:
+    """(H, W) bool -> (H, W) int32: how many erosions each pixel survives (an octagonal distance to the outside).
+
+    Erosions alternate a 3x3 square and a 3x3 cross, the classic octagon approximation of the Euclidean distance;
+    the work is done on the mask's bounding box, padded with background.
+    """
+    ys, xs = np.nonzero(mask)
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    current = torch.from_numpy(np.pad(mask[y0:y1, x0:x1], 1)).float()[None, None]  # (1, 1, h + 2, w + 2)
+    depth = torch.zeros_like(current)
+    step = 0
+    while current.any():
+        depth += current
+        if step % 2 == 0:  # square: a pixel survives when its 8 neighbours are inside
+            current = -F.max_pool2d(-current, 3, stride=1, padding=1)
+        else:  # cross: when its 4 neighbours are inside
+            padded = F.pad(current, (1, 1, 1, 1))
+            current = torch.minimum(current, torch.minimum(
+                torch.minimum(padded[..., :-2, 1:-1], padded[..., 2:, 1:-1]),
+                torch.minimum(padded[..., 1:-1, :-2], padded[..., 1:-1, 2:])))
+        step += 1
+    out = np.zeros(mask.shape, dtype=np.int32)
+    out[y0:y1, x0:x1] = depth[0, 0, 1:-1, 1:-1].numpy().astype(np.int32)
+    return out
+
+
+def mask_points(mask: np.ndarray, n: int = 17, inset: float = 0.2) -> np.ndarray:
+    """``n`` points spread over a mask, well inside it: deterministic farthest-point sampling.
+
+    The candidates are the pixels at least ``ceil(inset * max depth)`` erosions inside the mask (the inset shrinks
+    when fewer than ``n`` pixels are that deep), so the points keep clear of the outline at any image size. The
+    first point is the deepest pixel (nearest the centroid of the deepest ones); each next point is the candidate
+    farthest from the points so far.
+
+    Args:
+        mask: (H, W) boolean subject mask.
+        n: how many points (17 for the keypoint matching loss).
+        inset: the inset as a fraction of the mask's depth (its inner radius), in [0, 1).
+    Returns:
+        (n, 2) float32 pixel (x, y), distinct mask pixels.
+    """
+    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+        raise ValueError(f"n must be a positive integer, got {n!r}")
+    if not 0.0 <= inset < 1.0:
+        raise ValueError(f"inset must be in [0, 1), got {inset!r}")
+    mask = _check_mask(mask, "mask")
+    if int(mask.sum()) < n:
+        raise ValueError(f"mask is too small: {int(mask.sum())} pixels for n={n} points")
+    depth = _depth(mask)
+    deepest = int(depth.max())
+    radius = max(1, math.ceil(inset * deepest))
+    while radius > 1 and int((depth >= radius).sum()) < n:
+        radius -= 1
+    ys, xs = np.nonzero(depth >= radius)
+    candidates = np.stack([xs, ys], axis=1).astype(np.float64)  # (N, 2) pixel (x, y), row-major order
+    top = candidates[depth[ys, xs] == deepest]
+    first = int(np.argmin(((top - top.mean(axis=0)) ** 2).sum(axis=1)))
+    chosen = [top[first]]
+    nearest = ((candidates - chosen[0]) ** 2).sum(axis=1)  # (N,) squared distance to the chosen set
+    for _ in range(n - 1):
+        pick = int(np.argmax(nearest))  # first of the farthest: deterministic
+        chosen.append(candidates[pick])
+        nearest = np.minimum(nearest, ((candidates - candidates[pick]) ** 2).sum(axis=1))
+    return np.asarray(chosen, dtype=np.float32)
+
+
+# ------------------------------------------------------------------------------------------ dense features
+class DenseFeatures(Protocol):
+    """A dense descriptor: a PIL image -> float32 (C, h, w) on the CPU, L2-normalized over C, covering the image
+    uniformly (see the module docstring for the cell -> pixel mapping)."""
+
+    def __call__(self, image: Image.Image) -> torch.Tensor: ...
+
+
+def _to_tensor(image: Image.Image, name: str = "image") -> torch.Tensor:
+    if not isinstance(image, Image.Image):
+        raise ValueError(f"{name} must be a PIL.Image.Image, got {type(image).__name__}")
+    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0  # (H, W, 3)
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()  # (3, H, W)
+
+
+def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """(C, H, W) -> (C, H, W), separable Gaussian, edges replicated."""
+    radius = max(1, math.ceil(3.0 * sigma))
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype)
+    kernel = torch.exp(-0.5 * (t / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    c = x.shape[0]
+    x = x[None]  # (1, C, H, W)
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="replicate"), kernel.view(1, 1, 1, -1).expand(c, 1, 1, -1),
+                 groups=c)
+    x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode="replicate"), kernel.view(1, 1, -1, 1).expand(c, 1, -1, 1),
+                 groups=c)
+    return x[0]
+
+
+class ColourFeatures:
+    """Weight-free multi-scale colour descriptor, rotation invariant: opponent colour and its gradient magnitude,
+    blurred at several sigmas.
+
+    The image is resized so its longer side is at most ``max_side``; its RGB goes to centred opponent channels
+    (intensity - 0.5, red-green, yellow-blue). At every sigma (in pixels of that working image) the descriptor holds
+    the Gaussian-blurred channels and their scale-normalized gradient magnitudes ``sigma * |grad|`` (6 channels per
+    sigma); the stack is sampled every ``stride`` working pixels and L2-normalized per cell. Isotropic blurs and
+    gradient magnitudes make it invariant to rotation; several scales make it tolerate some scaling. It knows colour
+    only (no semantics): the reference where the truth is known, a fallback otherwise.
+
+    ``similarity_scale`` (the cosine distance at which ``transfer_keypoints`` halves a match's confidence) comes
+    from synthetic textured shapes moved, rotated and scaled (tests/test_keypoints.py): the best match's 1 - cos
+    is 0.0005 at the median and 0.0036 at the 95th percentile for true matches; matched into a different texture
+    it is 0.035 at the median and 0.014 at the 5th percentile.
+    """
+
+    similarity_scale = 0.01
+
+    def __init__(self, sigmas: Sequence[float] = (1.0, 2.0, 4.0, 8.0, 16.0), stride: int = 2,
+                 max_side: int = 256) -> None:
+        sigmas = tuple(float(s) for s in sigmas)
+        if not sigmas or not all(math.isfinite(s) and s > 0 for s in sigmas):
+            raise ValueError(f"sigmas must be positive numbers, got {sigmas!r}")
+        for name, value in (("stride", stride), ("max_side", max_side)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        self.sigmas, self.stride, self.max_side = sigmas, stride, max_side
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        """PIL image (W, H) -> float32 (6 * len(sigmas), h, w), h = round(H' / stride) for the working H'."""
+        rgb = _to_tensor(image)
+        h, w = rgb.shape[1:]
+        k = min(1.0, self.max_side / max(h, w))
+        if k < 1.0:
+            size = (max(1, round(h * k)), max(1, round(w * k)))
+            rgb = F.interpolate(rgb[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+        r, g, b = rgb
+        opponent = torch.stack([(r + g + b) / 3.0 - 0.5, (r - g) / 2.0, (r + g) / 4.0 - b / 2.0])  # (3, H', W')
+        bands = []
+        for sigma in self.sigmas:
+            blurred = _gaussian_blur(opponent, sigma)  # (3, H', W')
+            padded = F.pad(blurred[None], (1, 1, 1, 1), mode="replicate")[0]
+            gx = 0.5 * (padded[:, 1:-1, 2:] - padded[:, 1:-1, :-2])  # central differences
+            gy = 0.5 * (padded[:, 2:, 1:-1] - padded[:, :-2, 1:-1])
+            bands += [blurred, sigma * torch.sqrt(gx ** 2 + gy ** 2)]
+        stack = torch.cat(bands)  # (6 * S, H', W')
+        grid = (max(1, round(stack.shape[1] / self.stride)), max(1, round(stack.shape[2] / self.stride)))
+        # bilinear, align_corners=False: output cell centres sit exactly on the uniform grid of the module docstring
+        feats = F.interpolate(stack[None], size=grid, mode="bilinear", align_corners=False)[0]
+        return F.normalize(feats, dim=0)
+
+
+class Dinov2Features:
+    """DINOv2 patch tokens as a dense descriptor (``Dinov2Model`` / ``Dinov2WithRegistersModel`` via AutoModel).
+
+    The image is resized to ``size`` x ``size`` (bicubic) and normalized with the checkpoint processor's mean and
+    std; the last hidden state's patch tokens (CLS and register tokens dropped) become (C, size / p, size / p),
+    L2-normalized over C. ``size`` must be a multiple of the patch size p (14 for the public models: 448 -> 32x32).
+
+    ``similarity_scale`` is a prior, not a measurement (no DINOv2 weights could be run here): a match at cosine 0.7
+    gets half the similarity term of a perfect one. Calibrate it on real engine samples.
+    """
+
+    similarity_scale = 0.3
+
+    def __init__(self, ref: str | Path = DINOV2_ID, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32, size: int = 448) -> None:
+        from transformers import AutoImageProcessor, AutoModel
+
+        self.model = AutoModel.from_pretrained(str(ref), dtype=dtype).to(device).eval()
+        patch = self.model.config.patch_size
+        patch = int(patch[0] if isinstance(patch, (list, tuple)) else patch)
+        if not isinstance(size, int) or isinstance(size, bool) or size <= 0 or size % patch:
+            raise ValueError(f"size must be a positive multiple of the patch size {patch}, got {size!r}")
+        processor = AutoImageProcessor.from_pretrained(str(ref))
+        self.mean = torch.tensor(processor.image_mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(processor.image_std, dtype=torch.float32).view(3, 1, 1)
+        self.size, self.patch = size, patch
+        self.registers = int(getattr(self.model.config, "num_register_tokens", 0) or 0)
+        self.device, self.dtype = torch.device(device), dtype
+
+    @torch.no_grad()
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        """PIL image -> float32 (C, size / p, size / p) on the CPU."""
+        if not isinstance(image, Image.Image):
+            raise ValueError(f"image must be a PIL.Image.Image, got {type(image).__name__}")
+        resized = image.convert("RGB").resize((self.size, self.size), Image.Resampling.BICUBIC)
+        pixels = (_to_tensor(resized) - self.mean) / self.std  # (3, size, size)
+        pixels = pixels[None].to(self.device, self.dtype)
+        tokens = self.model(pixel_values=pixels).last_hidden_state[0, 1 + self.registers:]  # (h * w, C)
+        side = self.size // self.patch
+        # (h * w, C) -> (C, h, w): tokens are row-major over the patch grid
+        feats = tokens.float().cpu().T.reshape(-1, side, side)
+        return F.normalize(feats, dim=0)
+
+
+# ------------------------------------------------------------------------------------------- correspondence
+@dataclass(frozen=True)
+class Transfer:
+    """Keypoints carried to the target: ``points`` (n, 2) float32 pixel (x, y); ``confidence`` (n,) in [0, 1]."""
+
+    points: np.ndarray
+    confidence: np.ndarray
+
+
+def _sample(feats: torch.Tensor, points: torch.Tensor, image_hw: tuple[int, int]) -> torch.Tensor:
+    """Bilinear features at pixel points: (C, h, w), (n, 2) pixel (x, y) -> (n, C), L2-normalized."""
+    height, width = image_hw
+    # pixel centre x -> normalized [-1, 1] over the image's extent (align_corners=False: -1 is the left edge)
+    grid = torch.stack([(points[:, 0] + 0.5) / width, (points[:, 1] + 0.5) / height], dim=-1) * 2.0 - 1.0
+    out = F.grid_sample(feats[None], grid.view(1, 1, -1, 2), mode="bilinear", padding_mode="border",
+                        align_corners=False)  # (1, C, 1, n)
+    return F.normalize(out[0, :, 0].T, dim=-1)
+
+
+def _grid_mask(mask: np.ndarray, grid_hw: tuple[int, int]) -> torch.Tensor:
+    """(H, W) bool -> (h, w) bool: cells at least half covered; else the most covered cells (the nearest)."""
+    coverage = F.adaptive_avg_pool2d(torch.from_numpy(mask).float()[None, None], grid_hw)[0, 0]  # (h, w)
+    inside = coverage >= 0.5
+    return inside if inside.any() else coverage >= coverage.max()
+
+
+def _match(sim: torch.Tensor, allowed: torch.Tensor, image_hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best allowed cell per query, refined by a parabola through its neighbours, mapped to image pixels.
+
+    sim: (n, h, w) cosine similarity; allowed: (h, w) bool. Returns (n, 2) pixel (x, y) and (n,) similarity.
+    """
+    n, h, w = sim.shape
+    flat = sim.masked_fill(~allowed, float("-inf")).view(n, -1)
+    best, index = flat.max(dim=1)  # (n,)
+    iy, ix = index // w, index % w
+
+    def offset(lo: torch.Tensor, mid: torch.Tensor, hi: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        curve = lo - 2.0 * mid + hi  # < 0 at a peak
+        step = torch.where(curve < 0, 0.5 * (lo - hi) / curve.clamp(max=-1e-12), torch.zeros_like(mid))
+        return torch.where(valid, step.clamp(-0.5, 0.5), torch.zeros_like(mid))
+
+    rows = torch.arange(n)
+    left, right = sim[rows, iy, (ix - 1).clamp(min=0)], sim[rows, iy, (ix + 1).clamp(max=w - 1)]
+    up, down = sim[rows, (iy - 1).clamp(min=0), ix], sim[rows, (iy + 1).clamp(max=h - 1), ix]
+    centre = sim[rows, iy, ix]
+    u = ix.float() + offset(left, centre, right, (ix > 0) & (ix < w - 1))
+    v = iy.float() + offset(up, centre, down, (iy > 0) & (iy < h - 1))
+    height, width = image_hw
+    points = torch.stack([(u + 0.5) * width / w - 0.5, (v + 0.5) * height / h - 0.5], dim=-1)  # grid -> pixels
+    return points, best
+
+
+@dataclass(frozen=True)
+class _Window:
+    """A square of ``side`` pixels centred on ``centre`` (pixel x, y), resampled to ``size`` x ``size``."""
+
+    centre: np.ndarray
+    side: float
+    size: int
+
+    def to_crop(self, points: np.ndarray | torch.Tensor):
+        return (points - self.centre + 0.5 * self.side) * (self.size / self.side) - 0.5
+
+    def to_image(self, points: np.ndarray | torch.Tensor):
+        return (points + 0.5) * (self.side / self.size) + self.centre - 0.5 * self.side
+
+    def crop(self, image: Image.Image, mask: np.ndarray) -> tuple[Image.Image, np.ndarray]:
+        """Antialiased crop of image (edges replicated outside) and mask (False outside), both (size, size)."""
+        x0, y0 = self.centre + 0.5 - 0.5 * self.side  # pixel-edge coordinates of the square's corner
+        pad = int(math.ceil(max(0.0, -x0, -y0, x0 + self.side - image.width, y0 + self.side - image.height))) + 1
+        box = (x0 + pad, y0 + pad, x0 + pad + self.side, y0 + pad + self.side)
+        pixels = np.pad(np.asarray(image.convert("RGB")), ((pad, pad), (pad, pad), (0, 0)), mode="edge")
+        crop = Image.fromarray(pixels).resize((self.size, self.size), Image.Resampling.BILINEAR, box=box)
+        coverage = Image.fromarray(np.pad(mask, pad).astype(np.uint8) * 255)
+        coverage = np.asarray(coverage.resize((self.size, self.size), Image.Resampling.BILINEAR, box=box))
+        inside = coverage >= 128
+        # a subject thinner than a crop pixel: its most covered pixels
+        return crop, inside if inside.any() else coverage >= max(int(coverage.max()), 1)
+
+
+def _windows(source_mask: np.ndarray, target_mask: np.ndarray, size: int, margin: float = 1.15) -> list[_Window]:
+    """One window per subject, the same size relative to each subject (``side = f * sqrt(mask area)``), so both
+    crops show the subject at one scale; f is the smallest that holds both masks, times ``margin``."""
+    frames = []
+    for mask in (source_mask, target_mask):
+        ys, xs = np.nonzero(mask)
+        centre = np.array([(xs.min() + xs.max()) / 2.0, (ys.min() + ys.max()) / 2.0])  # bounding-box centre
+        extent = max(xs.max() - xs.min(), ys.max() - ys.min()) + 1.0  # side of the bounding square, pixels
+        frames.append((centre, math.sqrt(float(mask.sum())), extent))
+    factor = margin * max(extent / scale for _, scale, extent in frames)
+    return [_Window(centre, factor * scale, size) for centre, scale, _ in frames]
+
+
+def _correspond(fs: torch.Tensor, ft: torch.Tensor, points: torch.Tensor, source_mask: np.ndarray,
+                target_mask: np.ndarray, source_hw: tuple[int, int], target_hw: tuple[int, int],
+                fb_tolerance: float, similarity_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The matching core on two feature maps: (n, 2) source pixels -> (n, 2) target pixels and (n,) confidence."""
+    # forward: source points -> target
+    desc = _sample(fs, points, source_hw)  # (n, C)
+    sim = torch.einsum("nc,chw->nhw", desc, ft)  # (n, ht, wt)
+    found, similarity = _match(sim, _grid_mask(target_mask, tuple(ft.shape[1:])), target_hw)
+    # backward: matched target points -> source, compared with where they came from
+    back_desc = _sample(ft, found, target_hw)
+    back_sim = torch.einsum("nc,chw->nhw", back_desc, fs)
+    back, _ = _match(back_sim, _grid_mask(source_mask, tuple(fs.shape[1:])), source_hw)
+    distance = (back - points).norm(dim=-1)  # (n,) source pixels
+
+    cell = max(source_hw[0] / fs.shape[1], source_hw[1] / fs.shape[2])
+    tol = max(fb_tolerance * math.sqrt(float(source_mask.sum())), cell)
+    confidence = torch.exp2(-(1.0 - similarity) / similarity_scale) * torch.exp(-0.5 * (distance / tol) ** 2)
+    return found, confidence.clamp(0.0, 1.0)
+
+
+def transfer_keypoints(features: DenseFeatures, source: Image.Image, source_points: np.ndarray,
+                       source_mask: np.ndarray, target: Image.Image, target_mask: np.ndarray, *,
+                       fb_tolerance: float = 0.05, similarity_scale: float | None = None,
+                       crop_size: int | None = 448) -> Transfer:
+    """Carry points from ``source`` to ``target`` by dense-feature correspondence, with a confidence.
+
+    Both subjects are first cropped to squares of the same size relative to the subject (side proportional to
+    sqrt(mask area)) and resampled to ``crop_size`` pixels, so the two show the subject at one scale and with the
+    features' full resolution, whatever its size in either image (``crop_size=None``: whole images as they are).
+    Each point's source descriptor (bilinear) is matched (cosine) to every target cell inside the target mask; the
+    best cell is refined to sub-cell precision (a parabola through its neighbours) and mapped to target pixels.
+    The matched point's descriptor is matched back inside the source mask. The confidence combines the match's
+    cosine similarity s and that forward-backward distance d::
+
+        confidence = 2 ** (-(1 - s) / similarity_scale) * exp(-0.5 * (d / tol) ** 2),
+        tol = max(fb_tolerance * sqrt(source mask area), source feature cell size)   (in crop pixels)
+
+    Args:
+        features: a ``DenseFeatures`` (``Dinov2Features`` / ``ColourFeatures``).
+        source, target: PIL images; source_mask, target_mask: their (H, W) boolean subject masks.
+        source_points: (n, 2) pixel (x, y) in the source (e.g. ``mask_points(source_mask)``).
+        fb_tolerance: forward-backward tolerance as a fraction of the subject's size.
+        similarity_scale: cosine distance that halves the confidence; default the features' own
+            ``similarity_scale`` attribute (descriptors differ in how close true matches come), else 0.3.
+        crop_size: side of the subject crops in pixels, or None to match the whole images.
+    Returns:
+        ``Transfer`` with (n, 2) float32 target pixels and (n,) float32 confidences in [0, 1].
+    """
+    for name, image in (("source", source), ("target", target)):
+        if not isinstance(image, Image.Image):
+            raise ValueError(f"{name} must be a PIL.Image.Image, got {type(image).__name__}")
+    source_mask = _check_mask(source_mask, "source_mask", (source.height, source.width))
+    target_mask = _check_mask(target_mask, "target_mask", (target.height, target.width))
+    points = np.asarray(source_points, dtype=np.float32)
+    if points.ndim != 2 or points.shape[1] != 2 or not np.isfinite(points).all():
+        raise ValueError(f"source_points must be finite (n, 2) pixel (x, y), got shape {points.shape!r}")
+    if not fb_tolerance > 0:
+        raise ValueError(f"fb_tolerance must be positive, got {fb_tolerance!r}")
+    if similarity_scale is None:
+        similarity_scale = float(getattr(features, "similarity_scale", DEFAULT_SIMILARITY_SCALE))
+    if not similarity_scale > 0:
+        raise ValueError(f"similarity_scale must be positive, got {similarity_scale!r}")
+    if crop_size is not None and (not isinstance(crop_size, int) or isinstance(crop_size, bool) or crop_size < 8):
+        raise ValueError(f"crop_size must be an integer >= 8 or None, got {crop_size!r}")
+
+    query = points.astype(np.float64)
+    if crop_size is not None:
+        source_window, target_window = _windows(source_mask, target_mask, crop_size)
+        source, source_mask = source_window.crop(source, source_mask)
+        target, target_mask = target_window.crop(target, target_mask)
+        query = source_window.to_crop(query)
+    fs, ft = features(source), features(target)  # (C, hs, ws), (C, ht, wt)
+    if fs.ndim != 3 or ft.ndim != 3 or fs.shape[0] != ft.shape[0]:
+        raise ValueError(f"features must give (C, h, w) maps with the same C, got {tuple(fs.shape)} and "
+                         f"{tuple(ft.shape)}")
+    found, confidence = _correspond(fs.float(), ft.float(), torch.from_numpy(query).float(), source_mask,
+                                    target_mask, (source.height, source.width), (target.height, target.width),
+                                    fb_tolerance, similarity_scale)
+    found = found.double().numpy()
+    if crop_size is not None:
+        found = target_window.to_image(found)
+    return Transfer(points=found.astype(np.float32), confidence=confidence.numpy().astype(np.float32))
+
+
+# ------------------------------------------------------------------------------------------------- ViTPose
+def _box_center_scale(box_xywh: np.ndarray, aspect: float, normalize_factor: float) -> tuple[np.ndarray, np.ndarray]:
+    """COCO box -> (center (2,), scale (2,)), the box grown to the model's aspect (w / h) and padded by 1.25
+    (transformers ``box_to_center_and_scale``); scale is in units of ``normalize_factor`` pixels."""
+    x, y, w, h = (float(v) for v in box_xywh)
+    center = np.array([x + 0.5 * w, y + 0.5 * h], dtype=np.float64)
+    if w > aspect * h:
+        h = w / aspect
+    elif w < aspect * h:
+        w = h * aspect
+    return center, np.array([w, h], dtype=np.float64) / normalize_factor * 1.25
+
+
+def _crop(image: torch.Tensor, center: np.ndarray, box_wh: np.ndarray, out_hw: tuple[int, int]) -> torch.Tensor:
+    """Affine crop (bilinear, zeros outside): (3, H, W) -> (3, out_h, out_w). The box [center - wh/2, center + wh/2]
+    maps onto output pixel centres [0, out - 1] (transformers ``get_warp_matrix`` at rotation 0)."""
+    out_h, out_w = out_hw
+    height, width = image.shape[1:]
+    ox = torch.arange(out_w, dtype=torch.float64) * box_wh[0] / (out_w - 1) + center[0] - 0.5 * box_wh[0]
+    oy = torch.arange(out_h, dtype=torch.float64) * box_wh[1] / (out_h - 1) + center[1] - 0.5 * box_wh[1]
+    # input pixel index -> normalized (align_corners=True: -1 and 1 are the first and last pixel centres)
+    gx = (2.0 * ox / max(width - 1, 1) - 1.0).view(1, -1).expand(out_h, out_w)
+    gy = (2.0 * oy / max(height - 1, 1) - 1.0).view(-1, 1).expand(out_h, out_w)
+    grid = torch.stack([gx, gy], dim=-1).float()[None]  # (1, out_h, out_w, 2)
+    return F.grid_sample(image[None], grid, mode="bilinear", padding_mode="zeros", align_corners=True)[0]
+
+
+def _decode_heatmaps(heatmaps: np.ndarray, center: np.ndarray, box_wh: np.ndarray,
+                     kernel: int = 11) -> tuple[np.ndarray, np.ndarray]:
+    """(K, h, w) heatmaps -> (K, 2) image pixel (x, y) and (K,) peak values: argmax, DARK refinement (log of the
+    Gaussian-smoothed heatmap, one Newton step, at most one cell), then the inverse of ``_crop``."""
+    k, h, w = heatmaps.shape
+    flat = heatmaps.reshape(k, -1)
+    index = flat.argmax(axis=1)
+    scores = flat[np.arange(k), index]
+    coords = np.stack([index % w, index // w], axis=1).astype(np.float64)  # (K, 2) heatmap (x, y)
+    # DARK (Zhang et al. 2020): sigma 0.8 Gaussian, radius (kernel - 1) // 2, mirrored edges, as transformers does
+    radius = (kernel - 1) // 2
+    t = np.arange(-radius, radius + 1, dtype=np.float64)
+    g = np.exp(-0.5 * (t / 0.8) ** 2)
+    g /= g.sum()
+    padded = np.pad(heatmaps.astype(np.float64), ((0, 0), (radius, radius), (radius, radius)), mode="symmetric")
+    smooth = np.apply_along_axis(lambda r: np.convolve(r, g, mode="valid"), 2, padded)
+    smooth = np.apply_along_axis(lambda c: np.convolve(c, g, mode="valid"), 1, smooth)  # (K, h, w)
+    logmap = np.pad(np.log(np.clip(smooth, 1e-3, 50.0)), ((0, 0), (1, 1), (1, 1)), mode="edge")
+    rows, x, y = np.arange(k), index % w + 1, index // w + 1
+    at = lambda dy, dx: logmap[rows, y + dy, x + dx]  # noqa: E731
+    dx, dy = 0.5 * (at(0, 1) - at(0, -1)), 0.5 * (at(1, 0) - at(-1, 0))
+    dxx, dyy = at(0, 1) - 2 * at(0, 0) + at(0, -1), at(1, 0) - 2 * at(0, 0) + at(-1, 0)
+    dxy = 0.25 * (at(1, 1) - at(1, -1) - at(-1, 1) + at(-1, -1))
+    hessian = np.stack([np.stack([dxx, dxy], -1), np.stack([dxy, dyy], -1)], -2)  # (K, 2, 2)
+    hessian = hessian + np.finfo(np.float32).eps * np.eye(2)
+    step = np.zeros((k, 2))
+    ok = np.abs(np.linalg.det(hessian)) > 1e-12
+    step[ok] = -np.linalg.solve(hessian[ok], np.stack([dx, dy], -1)[ok][..., None])[..., 0]
+    coords += np.where(np.isfinite(step), np.clip(step, -1.0, 1.0), 0.0)
+    points = coords * box_wh / np.array([w - 1, h - 1]) + center - 0.5 * box_wh
+    return points, scores
+
+
+class VitPoseKeypoints:
+    """The 17 COCO person keypoints of one subject (``VitPoseForPoseEstimation``, top-down in a box).
+
+    ``__call__(image, box)``: ``box`` normalized xyxy of the person in ``image``. The box is grown to the model's
+    aspect and padded by 1.25, cropped, the heatmaps decoded as ``VitPoseImageProcessor`` does. Returns (17, 2)
+    float32 pixel (x, y) in COCO order (``data.COCO_KEYPOINTS``), clipped to the image, and (17,) float32 scores
+    (heatmap peaks) clipped to [0, 1]. Unlike transformers, a keypoint whose peak is <= 0 keeps its argmax position
+    (score 0) instead of (-1, -1), and the DARK step is bounded to one heatmap cell.
+    """
+
+    def __init__(self, ref: str | Path = VITPOSE_ID, device: str | torch.device = "cpu") -> None:
+        from transformers import AutoImageProcessor, VitPoseForPoseEstimation
+
+        self.model = VitPoseForPoseEstimation.from_pretrained(str(ref)).to(device).eval()
+        if getattr(self.model.config.backbone_config, "num_experts", 1) > 1:
+            raise ValueError(f"ref {str(ref)!r} is a mixture-of-experts ViTPose; only single-dataset models are "
+                             "supported")
+        processor = AutoImageProcessor.from_pretrained(str(ref))
+        size = processor.size
+        self.input_hw = (int(size["height"]), int(size["width"]))
+        self.mean = torch.tensor(processor.image_mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(processor.image_std, dtype=torch.float32).view(3, 1, 1)
+        self.normalize_factor = float(getattr(processor, "normalize_factor", 200.0) or 200.0)
+        self.device = torch.device(device)
+
+    @torch.no_grad()
+    def __call__(self, image: Image.Image, box: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+        pixels = _to_tensor(image)  # (3, H, W) in [0, 1]
+        height, width = pixels.shape[1:]
+        if len(box) != 4 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in box):
+            raise ValueError(f"box must be 4 finite numbers [x0, y0, x1, y1], got {box!r}")
+        x0, y0, x1, y1 = (float(v) for v in box)
+        if not (0.0 <= x0 < x1 <= 1.0 and 0.0 <= y0 < y1 <= 1.0):
+            raise ValueError(f"box must satisfy 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1, got {list(box)!r}")
+        xywh = np.array([x0 * width, y0 * height, (x1 - x0) * width, (y1 - y0) * height])  # COCO pixels
+        aspect = self.input_hw[1] / self.input_hw[0]
+        center, scale = _box_center_scale(xywh, aspect, self.normalize_factor)
+        box_wh = scale * self.normalize_factor
+        crop = (_crop(pixels, center, box_wh, self.input_hw) - self.mean) / self.std  # (3, in_h, in_w)
+        heatmaps = self.model(pixel_values=crop[None].to(self.device)).heatmaps[0].float().cpu().numpy()
+        points, scores = _decode_heatmaps(heatmaps, center, box_wh)
+        points = np.clip(points, 0.0, [width - 1, height - 1])
+        return points.astype(np.float32), np.clip(scores, 0.0, 1.0).astype(np.float32)
+
+
+# -------------------------------------------------------------------------------- configs and tiny twins
+def dinov2_base_config():
+    """``Dinov2Config`` of ``facebook/dinov2-base`` (ViT-B/14, 86.6M parameters)."""
+    from transformers import Dinov2Config
+
+    return Dinov2Config(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, mlp_ratio=4, patch_size=14,
+                        image_size=518, layer_norm_eps=1e-6, layerscale_value=1.0, qkv_bias=True,
+                        use_swiglu_ffn=False)
+
+
+def vitpose_base_config():
+    """``VitPoseConfig`` of ``usyd-community/vitpose-base-simple`` (ViT-B/16 at 256x192, simple decoder, 17
+    COCO keypoints)."""
+    from transformers import VitPoseBackboneConfig, VitPoseConfig
+
+    backbone = VitPoseBackboneConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, mlp_ratio=4,
+                                     image_size=[256, 192], patch_size=[16, 16], qkv_bias=True, out_indices=[12])
+    return VitPoseConfig(backbone_config=backbone.to_dict(), use_simple_decoder=True, scale_factor=4,
+                         id2label=dict(enumerate(COCO_KEYPOINTS)))
+
+
+def build_tiny_dinov2(directory: str | Path, seed: int = 0) -> Path:
+    """A 2-layer, 32-wide random ``Dinov2Model`` (patch 8, 64 px) + its image processor, saved in the real format.
+
+    Loads with ``Dinov2Features(directory, size=64)`` like the hub model does.
+    """
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    directory = Path(directory)
+    torch.manual_seed(seed)
+    model = Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2,
+                                     patch_size=8, image_size=64))
+    model.save_pretrained(directory)
+    BitImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}, image_mean=IMAGENET_MEAN,
+                      image_std=IMAGENET_STD).save_pretrained(directory)
+    logger.info("tiny DINOv2 written to %s", directory)
+    return directory
+
+
+def build_tiny_vitpose(directory: str | Path, seed: int = 0) -> Path:
+    """A 2-layer, 32-wide random ``VitPoseForPoseEstimation`` (64x48 input, 17 COCO keypoints) + its image
+    processor, saved in the real format; loads with ``VitPoseKeypoints(directory)``."""
+    # the PIL processor class needs no torchvision and saves the same config ("VitPoseImageProcessor")
+    from transformers import VitPoseBackboneConfig, VitPoseConfig, VitPoseForPoseEstimation, VitPoseImageProcessorPil
+
+    directory = Path(directory)
+    torch.manual_seed(seed)
+    backbone = VitPoseBackboneConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2,
+                                     image_size=[64, 48], patch_size=[8, 8], out_indices=[2])
+    model = VitPoseForPoseEstimation(VitPoseConfig(backbone_config=backbone.to_dict(),
+                                                   id2label=dict(enumerate(COCO_KEYPOINTS))))
+    model.save_pretrained(directory)
+    processor = VitPoseImageProcessorPil(size={"height": 64, "width": 48})
+    processor.save_pretrained(directory)
+    logger.info("tiny ViTPose written to %s", directory)
+    return directory
