@@ -736,6 +736,11 @@ def data_generate(
     typer.echo(f"triplets: {summary['triplets']}")
     if summary["total"]["dropped"]:
         typer.echo(f"dropped samples and reasons: {summary['dropped_file']}")
+    if preset == "tiny" and summary["dropped"] and not summary["made"]:
+        typer.echo("note: the tiny preset's detector and features are random, so the default gates drop nearly "
+                   "every sample; to try the whole path add "
+                   "--max-instances 16 --max-subject-iou 1 --min-keypoint-confidence 0")
+
 
 @train_app.command("relations")
 def train_relations(

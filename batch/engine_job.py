@@ -27,7 +27,8 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from manifests import storage
-from manifests.relation_spec import EngineOutcome, expand_specs, read_outcomes, read_relation_specs, write_outcomes
+from manifests.engine_outcome import EngineOutcome, read_outcomes, write_outcomes
+from manifests.relation_spec import expand_specs, read_relation_specs
 from manifests.runtime import ray_init_args
 from manifests.triplets import TRIPLET_FILE, write_triplets
 

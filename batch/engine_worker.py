@@ -1,6 +1,6 @@
 """The plain cores of the data engine's actors: samples in, images written, outcomes out. No Ray here.
 
-* :class:`GenerateStage` holds a generator (``dreamrelation.engine.PipelineGenerator`` or ``APIGenerator``) and
+* :class:`GenerateStage` holds a generator (``dreamrelation.generators.PipelineGenerator`` or ``APIGenerator``) and
   turns engine samples (``manifests.relation_spec.EngineSample``) into images written atomically to
   ``{output}/images/{sample_id}/subject_{j}.png`` and ``target.png``, returning one record per sample (the sample,
   the image URIs, or the generation error).
@@ -29,7 +29,8 @@ from PIL import Image
 
 from dreamrelation.engine import Annotation, Drop, GateConfig
 from manifests import storage
-from manifests.relation_spec import EngineOutcome, EngineSample, write_outcomes
+from manifests.engine_outcome import EngineOutcome, write_outcomes
+from manifests.relation_spec import EngineSample
 from manifests.triplets import TripletRow
 
 logger = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ def _device(config: EngineConfig) -> tuple[str, Any]:
 
 def build_generator(config: EngineConfig):
     """The generator ``config`` names (loads the pipeline, or makes an images API client)."""
-    from dreamrelation.engine import APIGenerator, PipelineGenerator
+    from dreamrelation.generators import APIGenerator, PipelineGenerator
 
     if config.generator == "api":
         from dreamrelation.images_api import from_env
@@ -135,7 +136,7 @@ class GenerateStage:
     """Build once per process (it loads the generator); call :meth:`process` on lists of samples."""
 
     def __init__(self, config: EngineConfig, generator=None) -> None:
-        """``generator``: an already built :class:`~dreamrelation.engine.Generator` instead of ``config``'s."""
+        """``generator``: an already built :class:`~dreamrelation.generators.Generator` instead of ``config``'s."""
         self.config = config
         self.generator = generator if generator is not None else build_generator(config)
 

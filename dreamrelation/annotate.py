@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 import string
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -251,7 +249,8 @@ def annotator_refs(preset: str | Path) -> AnnotatorRefs:
     ``sam/``, ``dinov2/``, ``vitpose/`` and ``blip/`` (as written by :func:`build_tiny_annotators`): those folders;
     ``"sdxl"`` or any other model folder: the public hub ids.
     """
-    from .keypoints import DINOV2_ID, VITPOSE_ID
+    from .keypoints import DINOV2_ID
+    from .pose import VITPOSE_ID
 
     name = str(preset)
     if name == "tiny":
@@ -396,7 +395,8 @@ def build_tiny_annotators(directory: str | Path, seed: int = 0) -> Path:
 
     Each model is built under its own seed (``seed + k``) so the build order does not matter; deterministic.
     """
-    from .keypoints import build_tiny_dinov2, build_tiny_vitpose
+    from .keypoints import build_tiny_dinov2
+    from .pose import build_tiny_vitpose
 
     directory = Path(directory)
     builders = {"owlv2": _build_tiny_owlv2, "sam": _build_tiny_sam, "blip": _build_tiny_blip}
@@ -418,20 +418,7 @@ def _complete(folder: Path) -> bool:
 
 def tiny_annotator_dir(seed: int = 0) -> Path:
     """The tiny annotators' folder, ``cache_root()/tiny-annotators-v{V}-seed{seed}``, built once and atomically."""
-    from .presets import cache_root
+    from .presets import build_once, cache_root
 
-    target = cache_root() / f"tiny-annotators-v{TINY_ANNOTATORS_VERSION}-seed{seed}"
-    if _complete(target):
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-annotators-", dir=target.parent))
-    try:
-        build_tiny_annotators(tmp / "models", seed=seed)
-        try:
-            (tmp / "models").rename(target)
-        except OSError:  # another process finished first
-            if not _complete(target):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return build_once(cache_root() / f"tiny-annotators-v{TINY_ANNOTATORS_VERSION}-seed{seed}",
+                      lambda folder: build_tiny_annotators(folder, seed=seed), _complete)

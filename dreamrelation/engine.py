@@ -3,10 +3,7 @@
 A triplet is a target image showing a relation, the subject images it was made from (same identities, other
 poses), and per subject its box, mask and 17 keypoints in both images. Making one takes two steps:
 
-* **generation**, behind the :class:`Generator` protocol: :class:`PipelineGenerator` (our stack: subject images by
-  the pipeline's plain SDXL text-to-image, then the target by :class:`DreamRelationPipeline` with those images as
-  image prompts, the relation prompt and the layout) or :class:`APIGenerator` (an OpenAI-compatible images API:
-  ``generate`` for the subjects, ``edit`` with the subject images for the target);
+* **generation**, behind the ``dreamrelation.generators.Generator`` protocol (our pipeline or an images API);
 * **annotation** by :class:`Annotator`: open-vocabulary detection of each subject class in the target (OWLv2),
   SAM masks from the boxes, 17 points picked on each subject image's mask and carried into the target mask by
   dense-feature correspondence (DINOv2), ViTPose for ``person`` subjects, CLIP-R of the target, an optional
@@ -24,102 +21,26 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 
-from .annotate import Detection
+from .annotate import Detection, box_iou as pairwise_iou
+from .layout import Box
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "APIGenerator", "Annotation", "Annotator", "Drop", "GateConfig", "Generator", "PERSON_CLASSES",
-    "PipelineGenerator", "SubjectAnnotation", "box_iou", "box_mask", "check_clip_r", "check_keypoints",
-    "check_layout", "check_overlap", "clean_box", "edit_prompt", "pick_detections",
+    "Annotation", "Annotator", "Drop", "GateConfig", "PERSON_CLASSES", "SubjectAnnotation", "box_iou", "box_mask",
+    "check_clip_r", "check_keypoints", "check_layout", "check_overlap", "clean_box", "pick_detections",
 ]
 
-Box = Sequence[float]
 NUM_KEYPOINTS = 17
 PERSON_CLASSES = ("person", "man", "woman", "boy", "girl", "child", "kid")  # keypoints by ViTPose (COCO layout)
 TINY_FEATURE_SIZE = 64  # the tiny DINOv2 twin's input side (keypoints.build_tiny_dinov2)
 MIN_MASK_PIXELS = 16  # a SAM mask smaller than this (inside its box) falls back to the box
-
-
-# ------------------------------------------------------------------------------------------------- generation
-
-class Generator(Protocol):
-    """Makes the images of one sample. ``size`` is ``(width, height)``; a backend may return another size
-    (annotations are normalized)."""
-
-    name: str
-
-    def subject_images(self, prompts: Sequence[str], seeds: Sequence[int], size: tuple[int, int],
-                       steps: int) -> list[Image.Image]:
-        """One image per subject prompt ("a photo of a dog, full body, plain background")."""
-        ...
-
-    def target(self, prompt: str, subject_images: Sequence[Image.Image], phrases: Sequence[str],
-               boxes: Sequence[Box], seed: int, size: tuple[int, int], steps: int) -> Image.Image:
-        """The relation image: the same identities as ``subject_images``, placed in ``boxes``."""
-        ...
-
-
-class PipelineGenerator:
-    """Our own stack: subjects by :meth:`DreamRelationPipeline.text_to_image` (no image tokens, no LoRA), the
-    target by :class:`DreamRelationPipeline` with the subject images as image prompts (no relation LoRA: the
-    engine makes the data a relation LoRA is trained on)."""
-
-    name = "pipeline"
-
-    def __init__(self, pipe, guidance: float = 5.0, scale: float = 0.6, negative_prompt: str | None = None,
-                 use_local_tokens: bool | None = None) -> None:
-        self.pipe = pipe
-        self.guidance = guidance
-        self.scale = scale
-        self.negative_prompt = negative_prompt
-        self.use_local_tokens = use_local_tokens
-
-    def subject_images(self, prompts: Sequence[str], seeds: Sequence[int], size: tuple[int, int],
-                       steps: int) -> list[Image.Image]:
-        width, height = size
-        return list(self.pipe.text_to_image(list(prompts), list(seeds), height=height, width=width, steps=steps,
-                                            guidance=self.guidance, negative_prompt=self.negative_prompt))
-
-    def target(self, prompt: str, subject_images: Sequence[Image.Image], phrases: Sequence[str],
-               boxes: Sequence[Box], seed: int, size: tuple[int, int], steps: int) -> Image.Image:
-        width, height = size
-        out = self.pipe(prompt, list(subject_images), list(phrases), [list(map(float, b)) for b in boxes],
-                        relation=None, seed=seed, num_inference_steps=steps, guidance_scale=self.guidance,
-                        scale=self.scale, height=height, width=width, negative_prompt=self.negative_prompt,
-                        use_local_tokens=self.use_local_tokens, progress=False)
-        return out.images[0]
-
-
-def edit_prompt(prompt: str, phrases: Sequence[str]) -> str:
-    """The edit instruction of :class:`APIGenerator`: "The photo of the same dog and cat: {prompt}"."""
-    names = list(dict.fromkeys(phrases))
-    classes = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
-    return f"The photo of the same {classes}: {prompt}"
-
-
-class APIGenerator:
-    """An OpenAI-compatible images API (``dreamrelation.images_api.ImagesAPIClient``): ``generate`` makes each
-    subject image, ``edit`` with the subject images and :func:`edit_prompt` makes the target. Such services take
-    no seed and no layout: the layout boxes stay the intended ones, the detector finds where the subjects went."""
-
-    def __init__(self, client) -> None:
-        self.client = client
-        model = getattr(getattr(client, "config", None), "model", None)
-        self.name = f"api:{model}" if model else "api"
-
-    def subject_images(self, prompts: Sequence[str], seeds: Sequence[int], size: tuple[int, int],
-                       steps: int) -> list[Image.Image]:
-        return [self.client.generate(p).convert("RGB") for p in prompts]
-
-    def target(self, prompt: str, subject_images: Sequence[Image.Image], phrases: Sequence[str],
-               boxes: Sequence[Box], seed: int, size: tuple[int, int], steps: int) -> Image.Image:
-        return self.client.edit(edit_prompt(prompt, phrases), list(subject_images)).convert("RGB")
 
 
 # ------------------------------------------------------------------------------------------------------ gates
@@ -170,7 +91,8 @@ class GateConfig:
 class Drop:
     """A sample the engine does not keep: ``stage`` ("annotate" or "gate"), a short ``reason`` code
     (``subject_not_found``, ``subject_found_twice``, ``off_layout``, ``subjects_overlap``,
-    ``low_keypoint_confidence``, ``low_clip_r``, ``mask_too_small``), a human ``detail``, and the metrics measured until then."""
+    ``low_keypoint_confidence``, ``low_clip_r``, ``mask_too_small``), a human ``detail``, and the metrics measured
+    until then."""
 
     stage: str
     reason: str
@@ -188,12 +110,10 @@ def clean_box(box: Box, size: tuple[int, int]) -> tuple[float, float, float, flo
 
 
 def box_iou(a: Box, b: Box) -> float:
-    """Intersection over union of two ``[x0, y0, x1, y1]`` boxes (0 when they do not overlap)."""
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return float(inter / union) if union > 0 else 0.0
+    """Intersection over union of two ``[x0, y0, x1, y1]`` boxes (0 when they do not overlap): one pair of
+    :func:`dreamrelation.annotate.box_iou`, in float64."""
+    pair = torch.tensor([list(a), list(b)], dtype=torch.float64)  # (2, 4)
+    return float(pairwise_iou(pair[:1], pair[1:])[0, 0])
 
 
 def pick_detections(detections: dict[str, Sequence[Any]], phrases: Sequence[str], layout_boxes: Sequence[Box],
@@ -363,7 +283,8 @@ class Annotator:
         multiple of its patch (None: 448, a 32 x 32 grid of the hub model's 14 px patches; 64 for the tiny twin,
         8 x 8 patches of 8 px)."""
         from .annotate import Captioner, OwlDetector, SamMasker, annotator_refs
-        from .keypoints import Dinov2Features, VitPoseKeypoints
+        from .keypoints import Dinov2Features
+        from .pose import VitPoseKeypoints
 
         refs = annotator_refs(preset)
         scorer = None

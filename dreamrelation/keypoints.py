@@ -1,4 +1,4 @@
-"""Keypoints for the data engine (paper sections 3.3 and 3.4.2): pick, carry over, or detect 17 points per subject.
+"""Keypoints for the data engine (paper sections 3.3 and 3.4.2): pick 17 points per subject and carry them over.
 
 The paper annotates its triplets with X-Pose, which is on no registry (REFERENCE.md section 3). We do without it:
 
@@ -8,17 +8,13 @@ The paper annotates its triplets with X-Pose, which is on no registry (REFERENCE
   cells inside the subject's target mask, refined to sub-cell precision, with a confidence from the similarity
   and a forward-backward (mutual) check;
 * ``Dinov2Features`` (DINOv2 patch tokens, the engine's default) and ``ColourFeatures`` (weight-free multi-scale
-  colour, a fallback and the reference where the truth is known) are the dense descriptors;
-* ``VitPoseKeypoints``: the 17 COCO keypoints of a ``person`` subject (ViTPose), for subjects it knows.
+  colour, a fallback and the reference where the truth is known) are the dense descriptors.
+
+People get ViTPose's 17 COCO keypoints instead (``dreamrelation.pose``).
 
 Coordinates: a pixel (x, y) is (column, row) with pixel centres at integers, so ``mask[round(y), round(x)]`` is
 the pixel a point lies in. A dense feature map (C, h, w) covers its image uniformly: cell (i, j) is centred on
 pixel ``((j + 0.5) * W / w - 0.5, (i + 0.5) * H / h - 0.5)``.
-
-ViTPose pre/post-processing is our own numpy/torch port of ``VitPoseImageProcessor`` (same box padding, affine crop,
-heatmap argmax + DARK refinement and inverse transform) because the transformers processor needs scipy or
-torchvision for both steps; it reads its settings (input size, mean, std, normalize factor) from the checkpoint's
-processor config, so tiny twins and real checkpoints load through the same code.
 """
 
 from __future__ import annotations
@@ -34,28 +30,21 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .data import COCO_KEYPOINTS
-
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "DINOV2_ID",
-    "VITPOSE_ID",
     "ColourFeatures",
     "DenseFeatures",
     "Dinov2Features",
     "Transfer",
-    "VitPoseKeypoints",
     "build_tiny_dinov2",
-    "build_tiny_vitpose",
     "dinov2_base_config",
     "mask_points",
     "transfer_keypoints",
-    "vitpose_base_config",
 ]
 
 DINOV2_ID = "facebook/dinov2-base"
-VITPOSE_ID = "usyd-community/vitpose-base-simple"
 DEFAULT_SIMILARITY_SCALE = 0.3  # for features without their own ``similarity_scale``
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -444,112 +433,7 @@ def transfer_keypoints(features: DenseFeatures, source: Image.Image, source_poin
     return Transfer(points=found.astype(np.float32), confidence=confidence.numpy().astype(np.float32))
 
 
-# ------------------------------------------------------------------------------------------------- ViTPose
-def _box_center_scale(box_xywh: np.ndarray, aspect: float, normalize_factor: float) -> tuple[np.ndarray, np.ndarray]:
-    """COCO box -> (center (2,), scale (2,)), the box grown to the model's aspect (w / h) and padded by 1.25
-    (transformers ``box_to_center_and_scale``); scale is in units of ``normalize_factor`` pixels."""
-    x, y, w, h = (float(v) for v in box_xywh)
-    center = np.array([x + 0.5 * w, y + 0.5 * h], dtype=np.float64)
-    if w > aspect * h:
-        h = w / aspect
-    elif w < aspect * h:
-        w = h * aspect
-    return center, np.array([w, h], dtype=np.float64) / normalize_factor * 1.25
-
-
-def _crop(image: torch.Tensor, center: np.ndarray, box_wh: np.ndarray, out_hw: tuple[int, int]) -> torch.Tensor:
-    """Affine crop (bilinear, zeros outside): (3, H, W) -> (3, out_h, out_w). The box [center - wh/2, center + wh/2]
-    maps onto output pixel centres [0, out - 1] (transformers ``get_warp_matrix`` at rotation 0)."""
-    out_h, out_w = out_hw
-    height, width = image.shape[1:]
-    ox = torch.arange(out_w, dtype=torch.float64) * box_wh[0] / (out_w - 1) + center[0] - 0.5 * box_wh[0]
-    oy = torch.arange(out_h, dtype=torch.float64) * box_wh[1] / (out_h - 1) + center[1] - 0.5 * box_wh[1]
-    # input pixel index -> normalized (align_corners=True: -1 and 1 are the first and last pixel centres)
-    gx = (2.0 * ox / max(width - 1, 1) - 1.0).view(1, -1).expand(out_h, out_w)
-    gy = (2.0 * oy / max(height - 1, 1) - 1.0).view(-1, 1).expand(out_h, out_w)
-    grid = torch.stack([gx, gy], dim=-1).float()[None]  # (1, out_h, out_w, 2)
-    return F.grid_sample(image[None], grid, mode="bilinear", padding_mode="zeros", align_corners=True)[0]
-
-
-def _decode_heatmaps(heatmaps: np.ndarray, center: np.ndarray, box_wh: np.ndarray,
-                     kernel: int = 11) -> tuple[np.ndarray, np.ndarray]:
-    """(K, h, w) heatmaps -> (K, 2) image pixel (x, y) and (K,) peak values: argmax, DARK refinement (log of the
-    Gaussian-smoothed heatmap, one Newton step, at most one cell), then the inverse of ``_crop``."""
-    k, h, w = heatmaps.shape
-    flat = heatmaps.reshape(k, -1)
-    index = flat.argmax(axis=1)
-    scores = flat[np.arange(k), index]
-    coords = np.stack([index % w, index // w], axis=1).astype(np.float64)  # (K, 2) heatmap (x, y)
-    # DARK (Zhang et al. 2020): sigma 0.8 Gaussian, radius (kernel - 1) // 2, mirrored edges, as transformers does
-    radius = (kernel - 1) // 2
-    t = np.arange(-radius, radius + 1, dtype=np.float64)
-    g = np.exp(-0.5 * (t / 0.8) ** 2)
-    g /= g.sum()
-    padded = np.pad(heatmaps.astype(np.float64), ((0, 0), (radius, radius), (radius, radius)), mode="symmetric")
-    smooth = np.apply_along_axis(lambda r: np.convolve(r, g, mode="valid"), 2, padded)
-    smooth = np.apply_along_axis(lambda c: np.convolve(c, g, mode="valid"), 1, smooth)  # (K, h, w)
-    logmap = np.pad(np.log(np.clip(smooth, 1e-3, 50.0)), ((0, 0), (1, 1), (1, 1)), mode="edge")
-    rows, x, y = np.arange(k), index % w + 1, index // w + 1
-    at = lambda dy, dx: logmap[rows, y + dy, x + dx]  # noqa: E731
-    dx, dy = 0.5 * (at(0, 1) - at(0, -1)), 0.5 * (at(1, 0) - at(-1, 0))
-    dxx, dyy = at(0, 1) - 2 * at(0, 0) + at(0, -1), at(1, 0) - 2 * at(0, 0) + at(-1, 0)
-    dxy = 0.25 * (at(1, 1) - at(1, -1) - at(-1, 1) + at(-1, -1))
-    hessian = np.stack([np.stack([dxx, dxy], -1), np.stack([dxy, dyy], -1)], -2)  # (K, 2, 2)
-    hessian = hessian + np.finfo(np.float32).eps * np.eye(2)
-    step = np.zeros((k, 2))
-    ok = np.abs(np.linalg.det(hessian)) > 1e-12
-    step[ok] = -np.linalg.solve(hessian[ok], np.stack([dx, dy], -1)[ok][..., None])[..., 0]
-    coords += np.where(np.isfinite(step), np.clip(step, -1.0, 1.0), 0.0)
-    points = coords * box_wh / np.array([w - 1, h - 1]) + center - 0.5 * box_wh
-    return points, scores
-
-
-class VitPoseKeypoints:
-    """The 17 COCO person keypoints of one subject (``VitPoseForPoseEstimation``, top-down in a box).
-
-    ``__call__(image, box)``: ``box`` normalized xyxy of the person in ``image``. The box is grown to the model's
-    aspect and padded by 1.25, cropped, the heatmaps decoded as ``VitPoseImageProcessor`` does. Returns (17, 2)
-    float32 pixel (x, y) in COCO order (``data.COCO_KEYPOINTS``), clipped to the image, and (17,) float32 scores
-    (heatmap peaks) clipped to [0, 1]. Unlike transformers, a keypoint whose peak is <= 0 keeps its argmax position
-    (score 0) instead of (-1, -1), and the DARK step is bounded to one heatmap cell.
-    """
-
-    def __init__(self, ref: str | Path = VITPOSE_ID, device: str | torch.device = "cpu") -> None:
-        from transformers import AutoImageProcessor, VitPoseForPoseEstimation
-
-        self.model = VitPoseForPoseEstimation.from_pretrained(str(ref)).to(device).eval()
-        if getattr(self.model.config.backbone_config, "num_experts", 1) > 1:
-            raise ValueError(f"ref {str(ref)!r} is a mixture-of-experts ViTPose; only single-dataset models are "
-                             "supported")
-        processor = AutoImageProcessor.from_pretrained(str(ref))
-        size = processor.size
-        self.input_hw = (int(size["height"]), int(size["width"]))
-        self.mean = torch.tensor(processor.image_mean, dtype=torch.float32).view(3, 1, 1)
-        self.std = torch.tensor(processor.image_std, dtype=torch.float32).view(3, 1, 1)
-        self.normalize_factor = float(getattr(processor, "normalize_factor", 200.0) or 200.0)
-        self.device = torch.device(device)
-
-    @torch.no_grad()
-    def __call__(self, image: Image.Image, box: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
-        pixels = _to_tensor(image)  # (3, H, W) in [0, 1]
-        height, width = pixels.shape[1:]
-        if len(box) != 4 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in box):
-            raise ValueError(f"box must be 4 finite numbers [x0, y0, x1, y1], got {box!r}")
-        x0, y0, x1, y1 = (float(v) for v in box)
-        if not (0.0 <= x0 < x1 <= 1.0 and 0.0 <= y0 < y1 <= 1.0):
-            raise ValueError(f"box must satisfy 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1, got {list(box)!r}")
-        xywh = np.array([x0 * width, y0 * height, (x1 - x0) * width, (y1 - y0) * height])  # COCO pixels
-        aspect = self.input_hw[1] / self.input_hw[0]
-        center, scale = _box_center_scale(xywh, aspect, self.normalize_factor)
-        box_wh = scale * self.normalize_factor
-        crop = (_crop(pixels, center, box_wh, self.input_hw) - self.mean) / self.std  # (3, in_h, in_w)
-        heatmaps = self.model(pixel_values=crop[None].to(self.device)).heatmaps[0].float().cpu().numpy()
-        points, scores = _decode_heatmaps(heatmaps, center, box_wh)
-        points = np.clip(points, 0.0, [width - 1, height - 1])
-        return points.astype(np.float32), np.clip(scores, 0.0, 1.0).astype(np.float32)
-
-
-# -------------------------------------------------------------------------------- configs and tiny twins
+# -------------------------------------------------------------------------------- config and tiny twin
 def dinov2_base_config():
     """``Dinov2Config`` of ``facebook/dinov2-base`` (ViT-B/14, 86.6M parameters)."""
     from transformers import Dinov2Config
@@ -557,17 +441,6 @@ def dinov2_base_config():
     return Dinov2Config(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, mlp_ratio=4, patch_size=14,
                         image_size=518, layer_norm_eps=1e-6, layerscale_value=1.0, qkv_bias=True,
                         use_swiglu_ffn=False)
-
-
-def vitpose_base_config():
-    """``VitPoseConfig`` of ``usyd-community/vitpose-base-simple`` (ViT-B/16 at 256x192, simple decoder, 17
-    COCO keypoints)."""
-    from transformers import VitPoseBackboneConfig, VitPoseConfig
-
-    backbone = VitPoseBackboneConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, mlp_ratio=4,
-                                     image_size=[256, 192], patch_size=[16, 16], qkv_bias=True, out_indices=[12])
-    return VitPoseConfig(backbone_config=backbone.to_dict(), use_simple_decoder=True, scale_factor=4,
-                         id2label=dict(enumerate(COCO_KEYPOINTS)))
 
 
 def build_tiny_dinov2(directory: str | Path, seed: int = 0) -> Path:
@@ -585,23 +458,4 @@ def build_tiny_dinov2(directory: str | Path, seed: int = 0) -> Path:
     BitImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}, image_mean=IMAGENET_MEAN,
                       image_std=IMAGENET_STD).save_pretrained(directory)
     logger.info("tiny DINOv2 written to %s", directory)
-    return directory
-
-
-def build_tiny_vitpose(directory: str | Path, seed: int = 0) -> Path:
-    """A 2-layer, 32-wide random ``VitPoseForPoseEstimation`` (64x48 input, 17 COCO keypoints) + its image
-    processor, saved in the real format; loads with ``VitPoseKeypoints(directory)``."""
-    # the PIL processor class needs no torchvision and saves the same config ("VitPoseImageProcessor")
-    from transformers import VitPoseBackboneConfig, VitPoseConfig, VitPoseForPoseEstimation, VitPoseImageProcessorPil
-
-    directory = Path(directory)
-    torch.manual_seed(seed)
-    backbone = VitPoseBackboneConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2,
-                                     image_size=[64, 48], patch_size=[8, 8], out_indices=[2])
-    model = VitPoseForPoseEstimation(VitPoseConfig(backbone_config=backbone.to_dict(),
-                                                   id2label=dict(enumerate(COCO_KEYPOINTS))))
-    model.save_pretrained(directory)
-    processor = VitPoseImageProcessorPil(size={"height": 64, "width": 48})
-    processor.save_pretrained(directory)
-    logger.info("tiny ViTPose written to %s", directory)
     return directory

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
+
+Box = Sequence[float]  # normalized [x0, y0, x1, y1]
 
 
 def check_box(box: Any, name: str = "box") -> None:

@@ -13,7 +13,9 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -34,25 +36,31 @@ def cache_root() -> Path:
     return Path(os.environ.get("DREAMRELATION_HOME", Path.home() / ".cache" / "dreamrelation"))
 
 
-def tiny_model_dir(seed: int = 0) -> Path:
-    """The tiny model's folder, built on first use (atomically: a half-built folder is never visible)."""
-    from .tiny import TINY_VERSION, build_tiny
-
-    target = cache_root() / f"tiny-v{TINY_VERSION}-seed{seed}"
-    if (target / "adapter" / "ms_adapter.safetensors").is_file():
+def build_once(target: Path, build: Callable[[Path], Any], done: Callable[[Path], bool]) -> Path:
+    """``target``, built by ``build(folder)`` unless ``done(target)`` already; atomically: the build goes to a
+    temporary sibling renamed into place, so a half-built folder is never visible and racing processes agree."""
+    if done(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        build_tiny(tmp / "model", seed=seed)
+        build(tmp / "build")
         try:
-            (tmp / "model").rename(target)
+            (tmp / "build").rename(target)
         except OSError:  # another process finished first
-            if not (target / "adapter" / "ms_adapter.safetensors").is_file():
+            if not done(target):
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def tiny_model_dir(seed: int = 0) -> Path:
+    """The tiny model's folder, built on first use (atomically: a half-built folder is never visible)."""
+    from .tiny import TINY_VERSION, build_tiny
+
+    return build_once(cache_root() / f"tiny-v{TINY_VERSION}-seed{seed}", lambda folder: build_tiny(folder, seed=seed),
+                      lambda folder: (folder / "adapter" / "ms_adapter.safetensors").is_file())
 
 
 def resolve_spec(preset: str) -> ModelSpec:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,18 @@ def _model_home(tmp_path_factory) -> Path:
     home = tmp_path_factory.mktemp("dreamrelation-home")
     os.environ["DREAMRELATION_HOME"] = str(home)
     return home
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models on a shared 2-core machine: one intra-op torch thread avoids spinning threads (up to 10x faster
+    here); restored after the module. Use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
@@ -147,3 +160,19 @@ def ray_local(_model_home, s3_server):
              runtime_env={"env_vars": env})
     yield ray
     ray.shutdown()
+
+
+def _layer_free_keys(keys) -> set[str]:
+    return {re.sub(r"\.layer\.\d+\.", ".layer.N.", key) for key in keys}
+
+
+def assert_twin_layout(model_class, twin_dir, real_shapes: dict, hub_key: str) -> None:
+    """The tiny twin has the real model's parameters (bar size and depth), loads with no missing / unexpected
+    keys, and its file uses the hub checkpoints' key names (transformers converts them at load time)."""
+    from safetensors import safe_open
+
+    twin, info = model_class.from_pretrained(twin_dir, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    assert _layer_free_keys(twin.state_dict()) == _layer_free_keys(real_shapes)
+    with safe_open(str(twin_dir / "model.safetensors"), "pt") as f:
+        assert hub_key in set(f.keys())

@@ -193,7 +193,8 @@ def test_captioner_returns_a_deterministic_short_string(annotators_dir):
 
 # ----------------------------------------------------------------------------------------- refs and twins
 def test_annotator_refs(annotators_dir, tmp_path):
-    from dreamrelation.keypoints import DINOV2_ID, VITPOSE_ID
+    from dreamrelation.keypoints import DINOV2_ID
+    from dreamrelation.pose import VITPOSE_ID
 
     tiny = annotator_refs("tiny")
     assert tiny == AnnotatorRefs(*(str(annotators_dir / s) for s in ("owlv2", "sam", "dinov2", "vitpose", "blip")))

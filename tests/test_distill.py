@@ -27,19 +27,12 @@ from dreamrelation.distill import (
 from dreamrelation.encoders import SubjectEncoder, open_clip_visual_to_hf
 from dreamrelation.tiny import TINY_ADAPTER, VISION_WIDTH
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 ENCODER = TINY_ADAPTER.encoder  # local_image_size 128 -> 16 x 16 dense grid; teacher crops at 32 px
 LR = 1e-3  # the paper's 1e-5 is for a pretrained bigG; the tiny random tower needs a larger step to move in 40 steps
 EPOCHS = 10
 STEPS = EPOCHS * 8 // 2  # 8 images, batch 2: 40 steps
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These tensors are tiny: one intra-op thread is much faster than two on a shared 2-core machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def _vision(seed: int = 0) -> CLIPVisionModelWithProjection:

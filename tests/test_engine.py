@@ -22,22 +22,16 @@ from conftest import FAST, invoke, make_subject
 from dreamrelation.annotate import Detection
 from dreamrelation.engine import (
     Annotation, Annotator, Drop, GateConfig, box_iou, box_mask, check_clip_r, check_keypoints, check_layout,
-    check_overlap, clean_box, edit_prompt, pick_detections,
+    check_overlap, clean_box, pick_detections,
 )
+from dreamrelation.generators import edit_prompt
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 ROOT = Path(__file__).resolve().parents[1]
 LORAS = ROOT / "manifests" / "examples" / "loras"
 PERMISSIVE = GateConfig(detection_threshold=0.0, max_instances=10_000, min_keypoint_confidence=0.0,
                         max_subject_iou=None)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models on a shared 2-core machine: one torch thread avoids spinning threads (10x faster here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def det(box, score=0.9) -> Detection:
@@ -423,7 +417,7 @@ def api_config(output, server, **gates):
 
 def test_api_generator_stages_end_to_end(images_server, tmp_path, annotators_dir):
     from batch.engine_worker import AnnotateStage, GenerateStage
-    from manifests.relation_spec import read_outcomes
+    from manifests.engine_outcome import read_outcomes
     from manifests.triplets import TripletRow
 
     config = api_config(tmp_path, images_server)
@@ -458,7 +452,8 @@ def test_api_generator_stages_end_to_end(images_server, tmp_path, annotators_dir
 
 def test_api_run_accounts_for_every_sample(images_server, tmp_path, annotators_dir):
     from batch.engine_job import EngineJobConfig, run
-    from manifests.relation_spec import read_outcomes, write_relation_specs
+    from manifests.engine_outcome import read_outcomes
+    from manifests.relation_spec import write_relation_specs
     from manifests.triplets import read_triplets
 
     spec = tmp_path / "spec.yaml"

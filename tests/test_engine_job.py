@@ -12,24 +12,13 @@ from PIL import Image
 
 from conftest import invoke
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("one_torch_thread")]  # Ray actors get one thread already
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = ROOT / "manifests" / "examples" / "relation_spec.yaml"
 # random tiny models detect arbitrary boxes: these gates let every sample through (each is still measured)
 PERMISSIVE = ["--detection-threshold", "0", "--max-instances", "10000", "--min-keypoint-confidence", "0",
               "--max-subject-iou", "1"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models on a shared 2-core machine: one torch thread in the driver (Ray actors get one already)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +69,8 @@ def test_rerun_skips_done_samples_and_a_lost_outcome_file_reruns_only_its_sample
     from batch.engine_worker import EngineConfig
     from dreamrelation.engine import GateConfig
     from manifests import storage
-    from manifests.relation_spec import read_outcomes, read_relation_specs, write_relation_specs
+    from manifests.engine_outcome import read_outcomes
+    from manifests.relation_spec import read_relation_specs, write_relation_specs
     from manifests.triplets import read_triplets
 
     gates = dict(detection_threshold=0.0, max_instances=10_000, min_keypoint_confidence=0.0, max_subject_iou=None)

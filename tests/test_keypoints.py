@@ -1,4 +1,4 @@
-"""Keypoints: mask points, dense-feature transfer where the truth is known, DINOv2 / ViTPose twins and real configs.
+"""Keypoints: mask points, dense-feature transfer where the truth is known, the DINOv2 twin and real config.
 
 Transfer accuracy (``ColourFeatures`` and ``transfer_keypoints`` defaults): a 160 px image of a textured blob
 (ellipse + disc, ~95 x 77 px, smooth random colour texture on a plain grey background), 17 ``mask_points``, the
@@ -25,7 +25,6 @@ the transfer scale-proof.
 from __future__ import annotations
 
 import math
-import re
 
 import numpy as np
 import pytest
@@ -33,20 +32,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from dreamrelation.data import COCO_KEYPOINTS
+from conftest import assert_twin_layout
 from dreamrelation.keypoints import (
     ColourFeatures,
     Dinov2Features,
     Transfer,
-    VitPoseKeypoints,
-    _crop,
-    _decode_heatmaps,
     build_tiny_dinov2,
-    build_tiny_vitpose,
     dinov2_base_config,
     mask_points,
     transfer_keypoints,
-    vitpose_base_config,
 )
 
 SIZE = 160
@@ -285,22 +279,6 @@ def test_dinov2_features_from_the_tiny_twin(tiny_dinov2):
         Dinov2Features(tiny_dinov2, size=60)
 
 
-def _layer_free_keys(keys) -> set[str]:
-    return {re.sub(r"\.layer\.\d+\.", ".layer.N.", key) for key in keys}
-
-
-def _assert_twin_layout(model_class, twin_dir, real_shapes: dict, hub_key: str) -> None:
-    """The tiny twin has the real model's parameters (bar size and depth), loads with no missing / unexpected
-    keys, and its file uses the hub checkpoints' key names (transformers converts them at load time)."""
-    from safetensors import safe_open
-
-    twin, info = model_class.from_pretrained(twin_dir, output_loading_info=True)
-    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
-    assert _layer_free_keys(twin.state_dict()) == _layer_free_keys(real_shapes)
-    with safe_open(str(twin_dir / "model.safetensors"), "pt") as f:
-        assert hub_key in set(f.keys())
-
-
 def test_dinov2_base_config_has_the_public_layout(tiny_dinov2):
     from transformers import Dinov2Model
 
@@ -312,80 +290,4 @@ def test_dinov2_base_config_has_the_public_layout(tiny_dinov2):
     assert shapes["encoder.layer.11.layer_scale2.lambda1"] == (768,)
     assert "encoder.layer.12.norm1.weight" not in shapes
     assert abs(sum(p.numel() for p in model.parameters()) - 86.6e6) < 0.05e6  # ViT-B/14: 86.6M
-    _assert_twin_layout(Dinov2Model, tiny_dinov2, shapes, "encoder.layer.0.attention.attention.query.weight")
-
-
-# -------------------------------------------------------------------------------------------- ViTPose
-@pytest.fixture(scope="module")
-def tiny_vitpose(tmp_path_factory):
-    return build_tiny_vitpose(tmp_path_factory.mktemp("vitpose"), seed=0)
-
-
-def test_vitpose_tiny_twin_gives_17_points_in_the_image(tiny_vitpose):
-    pose = VitPoseKeypoints(tiny_vitpose)
-    image = _compose(_texture(2), _blob()).resize((120, 90))
-    points, scores = pose(image, [0.2, 0.1, 0.7, 0.95])
-    assert points.shape == (17, 2) and points.dtype == np.float32
-    assert scores.shape == (17,) and scores.dtype == np.float32
-    assert ((points >= 0) & (points <= [119, 89])).all()
-    assert ((scores >= 0) & (scores <= 1)).all()
-    again = VitPoseKeypoints(tiny_vitpose)(image, (0.2, 0.1, 0.7, 0.95))
-    np.testing.assert_array_equal(again[0], points)
-    assert len(pose.model.config.id2label) == 17 and pose.input_hw == (64, 48)
-    with pytest.raises(ValueError, match=r"box must satisfy 0 <= x0 < x1 <= 1"):
-        pose(image, [0.7, 0.1, 0.2, 0.9])
-
-
-def test_vitpose_crop_and_decode_follow_the_transformers_geometry():
-    """Our scipy-free crop and heatmap decode agree with transformers' own VitPose geometry functions."""
-    from transformers.models.vitpose.image_processing_pil_vitpose import (
-        box_to_center_and_scale,
-        get_warp_matrix,
-        transform_preds,
-    )
-
-    from dreamrelation.keypoints import _box_center_scale
-
-    height, width, (in_h, in_w) = 90, 120, (64, 48)
-    box = np.array([30.0, 12.0, 50.0, 70.0])  # COCO xywh pixels
-    center, scale = _box_center_scale(box, in_w / in_h, 200.0)
-    ref_center, ref_scale = box_to_center_and_scale(box, image_width=in_w, image_height=in_h)
-    np.testing.assert_allclose(center, ref_center, rtol=1e-6)
-    np.testing.assert_allclose(scale, ref_scale, rtol=1e-6)
-    # crop: a linear ramp (x in channel 0, y in channel 1) shows where each crop pixel comes from
-    y, x = torch.meshgrid(torch.arange(height, dtype=torch.float32), torch.arange(width, dtype=torch.float32),
-                          indexing="ij")
-    crop = _crop(torch.stack([x, y, torch.zeros_like(x)]), center, scale * 200.0, (in_h, in_w))
-    warp = np.vstack([get_warp_matrix(0.0, center * 2.0, np.array([in_w - 1.0, in_h - 1.0]), scale * 200.0),
-                      [0, 0, 1]])
-    oy, ox = np.mgrid[0:in_h, 0:in_w]
-    source = np.linalg.solve(warp, np.stack([ox.ravel(), oy.ravel(), np.ones(ox.size)]))[:2]  # (2, in_h * in_w)
-    inside = (source[0] >= 0) & (source[0] <= width - 1) & (source[1] >= 0) & (source[1] <= height - 1)
-    np.testing.assert_allclose(crop[0].numpy().ravel()[inside], source[0][inside], atol=1e-3)
-    np.testing.assert_allclose(crop[1].numpy().ravel()[inside], source[1][inside], atol=1e-3)
-    # decode: Gaussian peaks (sigma 2, as ViTPose is trained) at sub-cell positions come back exactly
-    hh, hw = 16, 12
-    peaks = np.array([[3.3, 4.6], [7.8, 11.2], [5.0, 2.5]])  # heatmap (x, y)
-    gy, gx = np.mgrid[0:hh, 0:hw]
-    heatmaps = np.exp(-((gx[None] - peaks[:, :1, None]) ** 2 + (gy[None] - peaks[:, 1:, None]) ** 2) / 8.0)
-    points, scores = _decode_heatmaps(heatmaps * 0.9, center, scale * 200.0)
-    expected = transform_preds(peaks, center=center, scale=scale, output_size=[hh, hw])
-    np.testing.assert_allclose(points, expected, atol=0.05 * scale.max() * 200.0 / hw)
-    assert (scores <= 0.9).all() and (scores > 0.75).all()
-
-
-def test_vitpose_base_config_has_the_public_layout(tiny_vitpose):
-    from transformers import VitPoseForPoseEstimation
-
-    config = vitpose_base_config()
-    assert [config.id2label[i] for i in range(17)] == list(COCO_KEYPOINTS)
-    with torch.device("meta"):
-        model = VitPoseForPoseEstimation(config)
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    assert shapes["backbone.embeddings.patch_embeddings.projection.weight"] == (768, 3, 16, 16)
-    assert shapes["backbone.embeddings.position_embeddings"] == (1, 16 * 12 + 1, 768)  # 256x192 / 16
-    assert shapes["backbone.encoder.layer.11.mlp.fc2.weight"] == (768, 3072)
-    assert shapes["head.conv.weight"] == (17, 768, 3, 3)  # simple decoder, 17 COCO heatmaps
-    assert abs(sum(p.numel() for p in model.parameters()) - 86e6) < 0.5e6  # ViTPose-B: 86M
-    _assert_twin_layout(VitPoseForPoseEstimation, tiny_vitpose, shapes,
-                        "backbone.encoder.layer.0.attention.attention.query.weight")
+    assert_twin_layout(Dinov2Model, tiny_dinov2, shapes, "encoder.layer.0.attention.attention.query.weight")
