@@ -523,9 +523,10 @@ def augment(example: TripletExample, size: int, rng: np.random.Generator, flip_p
     target, grown where needed so that every subject box stays inside (as far as the image allows); it is resized
     to ``size`` x ``size``. With probability ``flip_p`` the result is mirrored: x -> 1 - x and left/right keypoints
     swap (``KEYPOINT_FLIPS`` of each subject's layout), so index j still names the same body part. Target
-    keypoints outside the crop are clamped to the border and get visibility 0. Subject images are only resized to ``size`` x ``size``: their keypoints are
-    normalized, so unchanged, and they are not flipped (the keypoint matching loss pairs body part j of the subject
-    with body part j of the target, which the label swap keeps right). Deterministic for a given ``rng`` state.
+    keypoints outside the crop are clamped to the border and get visibility 0. Subject images are only resized to
+    ``size`` x ``size``: their keypoints are normalized, so unchanged, and they are not flipped (the keypoint
+    matching loss pairs body part j of the subject with body part j of the target, which the label swap keeps
+    right). Deterministic for a given ``rng`` state.
     """
     if not isinstance(size, int) or size < 1:
         raise ValueError(f"size must be a positive integer, got {size!r}")
