@@ -18,7 +18,7 @@ engine end to end. Prints figures; asserts nothing.
 Random weights: every output (points, boxes, masks, captions, poses) is meaningless; only time and memory are
 measured. Timings are the median of ``--repeats`` calls after one warm-up call.
 
-    python bench/engine_cpu.py                        # all three parts, torch's default threads (~6 min, 2 cores)
+    python bench/engine_cpu.py                        # all three parts: ~2 min on 2 idle cores, far more when busy
     python bench/engine_cpu.py --skip-real --threads 1 --samples 12
 """
 
@@ -90,6 +90,20 @@ def reset_peak_rss() -> bool:
 def params(model) -> float:
     """Parameters, millions."""
     return sum(p.numel() for p in model.parameters()) / 1e6
+
+
+def code_version() -> str:
+    """The commit the code was run at, and how many tracked files differed from it (the figures depend on it)."""
+    import subprocess
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        changed = subprocess.run(["git", "diff", "--name-only", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                 check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        return "commit unknown"
+    return f"commit {commit}" + (f" + uncommitted changes in {', '.join(changed)}" if changed else "")
 
 
 def cpu_name() -> str:
@@ -402,7 +416,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
     command = " ".join(["python bench/engine_cpu.py", *map(shlex.quote, sys.argv[1:])])
-    print(f"`{command}`\n")
+    print(f"`{command}` at {code_version()}\n")
     print(f"{cpu_name()}, {os.cpu_count()} CPUs, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f}"
           f" GiB RAM; torch {torch.__version__} ({torch.get_num_threads()} threads), transformers "
           f"{transformers.__version__}, Python {platform.python_version()}; float32 on the CPU; load average "
