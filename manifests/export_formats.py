@@ -145,6 +145,7 @@ class HFWriter(_Writer):
     def __init__(self, to: str, total: int, shard_size: int):
         super().__init__(to, total, shard_size)
         self.rows: list[dict[str, Any]] = []
+        self.num_bytes = 0  # Parquet bytes written: the card's split size
 
     def shard_uri(self, index: int) -> str:
         return storage.join(self.to, "data", f"train-{index:05d}-of-{self.n_shards:05d}.parquet")
@@ -162,7 +163,9 @@ class HFWriter(_Writer):
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink, row_group_size=self.ROW_GROUP)
         uri = self.shard_uri(len(self.files))
-        storage.write_bytes_atomic(uri, sink.getvalue().to_pybytes())
+        data = sink.getvalue().to_pybytes()
+        storage.write_bytes_atomic(uri, data)
+        self.num_bytes += len(data)
         self.files.append(uri)
         self.rows = []
 
@@ -175,7 +178,8 @@ class HFWriter(_Writer):
     def card_metadata(self) -> dict[str, Any]:
         return {"configs": _configs("data/train-*"),
                 "dataset_info": {"features": features_yaml(HF_FEATURES),
-                                 "splits": [{"name": "train", "num_examples": self.count}]}}
+                                 "splits": [{"name": "train", "num_examples": self.count,
+                                             "num_bytes": self.num_bytes}]}}
 
 
 class WebDatasetWriter(_Writer):

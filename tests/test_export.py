@@ -159,7 +159,8 @@ def test_hf_export_loads_with_datasets_and_the_filter_counts(run, tmp_path):
     header, body = read_card(dest)
     assert header["configs"] == [{"config_name": "default",
                                   "data_files": [{"split": "train", "path": "data/train-*"}]}]
-    assert header["dataset_info"]["splits"] == [{"name": "train", "num_examples": 5}]
+    shard_bytes = sum((dest / "data" / s).stat().st_size for s in shards)
+    assert header["dataset_info"]["splits"] == [{"name": "train", "num_examples": 5, "num_bytes": shard_bytes}]
     assert {"name": "image", "dtype": "image"} in header["dataset_info"]["features"]
     assert datasets.Features._from_yaml_list(header["dataset_info"]["features"]) == ds.features
     assert "| 5 | " + str(summary["rows"]) + " |" in body
