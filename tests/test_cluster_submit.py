@@ -187,7 +187,8 @@ def test_runtime_env_ships_the_project_and_forwards_the_environment(monkeypatch,
     create_package(rt["working_dir"], package, include_gitignore=True, excludes=rt["excludes"])
     with zipfile.ZipFile(package) as z:
         names = {i.filename for i in z.infolist() if not i.is_dir()}
-    assert {"cli.py", "cluster/submit.py", "batch/job.py", EXAMPLE_REL} <= names
+    assert {"cli.py", "commands/batch.py", "commands/train.py", "cluster/submit.py", "batch/job.py",
+            EXAMPLE_REL} <= names
     assert any(n.startswith("manifests/examples/loras/") for n in names)
     assert not any(n.startswith((".venv/", ".git/", "tests/")) or "__pycache__" in n for n in names)
     assert package.stat().st_size < 20 * 2**20

@@ -17,6 +17,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("dreamrelation", "manifests", "batch", "cluster")
 HEAVY = ("torch", "diffusers", "transformers", "ray")
+# what the CLI imports only inside its commands, besides HEAVY (dreamrelation.config, a plain dataclass, is the one
+# library module its module level may load: the defaults of `generate`)
+LAZY_IN_CLI = ("pyarrow", "pydantic", "fsspec", "numpy", "PIL", "tqdm", "peft", "manifests", "batch", "cluster")
+CLI_MODULES = ("cli", "commands")  # the top layer: cli.py and the command groups it assembles
 
 # layer -> top-level modules it must never import
 FORBIDDEN = {
@@ -29,7 +33,7 @@ FORBIDDEN = {
 
 def _layer_files() -> dict[str, list[Path]]:
     files = {pkg: sorted((ROOT / pkg).rglob("*.py")) for pkg in PACKAGES}
-    files["cli"] = [ROOT / "cli.py"]
+    files["cli"] = [ROOT / "cli.py", *sorted((ROOT / "commands").glob("*.py"))]
     return files
 
 
@@ -80,9 +84,19 @@ def test_layer_imports_point_one_way(layer):
 
 
 def test_nothing_imports_cli():
-    offenders = [str(path.relative_to(ROOT)) for layer in PACKAGES for path in _layer_files()[layer]
-                 if any(name.split(".")[0] == "cli" for name in imported_modules(path))]
-    assert offenders == [], "the CLI is the top layer; these modules import it"
+    offenders = [f"{path.relative_to(ROOT)} imports {name}" for layer in PACKAGES for path in _layer_files()[layer]
+                 for name in sorted(imported_modules(path)) if name.split(".")[0] in CLI_MODULES]
+    assert offenders == [], "the CLI (cli.py + commands/) is the top layer; these modules import it"
+
+
+def test_command_groups_do_not_import_cli():
+    """cli.py assembles commands/; a group that imported cli back would make a cycle."""
+    groups = [path for path in _layer_files()["cli"] if path.parent.name == "commands"]
+    assert {p.name for p in groups} >= {"__init__.py", "common.py", "generate.py", "batch.py", "manifest.py",
+                                         "eval.py", "data.py", "train.py", "cluster.py"}
+    offenders = [f"{path.relative_to(ROOT)} imports {name}" for path in groups
+                 for name in sorted(imported_modules(path)) if name.split(".")[0] == "cli"]
+    assert offenders == []
 
 
 def test_import_scanner_sees_lazy_and_relative_imports():
@@ -105,6 +119,23 @@ def test_cli_module_level_imports_are_light():
     done = _run(["-c", probe])
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]", f"importing cli pulls in {done.stdout.strip()}"
+
+
+def test_every_command_group_is_light_at_module_level():
+    """Importing cli imports every module of commands/ (the probe covers them all), and none of them loads a
+    heavy library, pyarrow / pydantic / PIL / tqdm, or a lower layer beyond dreamrelation.config."""
+    groups = sorted(_module_name(p) for p in _layer_files()["cli"] if p.parent.name == "commands")
+    probe = ("import cli, json, sys; print(json.dumps({'missing': [m for m in %r if m not in sys.modules], "
+             "'loaded': sorted(m for m in sys.modules if m.split('.')[0] in %r "
+             "or (m.startswith('dreamrelation.') and m != 'dreamrelation.config'))}))"
+             % (groups, (*HEAVY, *LAZY_IN_CLI)))
+    done = _run(["-c", probe])
+    assert done.returncode == 0, done.stderr
+    import json
+
+    found = json.loads(done.stdout)
+    assert found["missing"] == [], f"importing cli does not import {found['missing']}"
+    assert found["loaded"] == [], f"importing cli pulls in {found['loaded']}"
 
 
 def test_cli_help_lists_the_commands():

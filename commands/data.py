@@ -1,0 +1,135 @@
+"""`dreamrelation data`: relation triplets, imported from the public format or made by the data engine."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from commands.common import fail, progress_bar
+
+data_app = typer.Typer(help="Relation fine-tuning data: triplets (subject images, target, keypoints).",
+                       no_args_is_help=True)
+
+
+@data_app.command("import-public")
+def data_import_public(
+    directory: Annotated[Path, typer.Argument(help="A relation folder in the authors' public format (prompts.json, "
+                                                   "videos/<id>/, masks/<id>/).")],
+    relation: Annotated[str, typer.Option(help="Relation id to file the triplets under, e.g. hugging.")],
+    output: Annotated[str, typer.Option(help="Triplet dataset root (path or URL): triplets.parquet + images/.")],
+) -> None:
+    """Import a public relation folder as triplets; broken samples are reported and skipped."""
+    from dreamrelation.data import import_public_folder
+    from manifests.triplets import read_triplets, write_triplets
+
+    if not directory.is_dir():
+        fail(f"DIRECTORY not found: {str(directory)!r}")
+    try:
+        records, problems = import_public_folder(directory, relation, output=output)
+    except (OSError, ValueError) as exc:
+        fail(str(exc))
+    for p in problems:
+        typer.echo(f"skipped sample {p['sample']}: {p['reason']}", err=True)
+    if not records:
+        fail(f"no usable samples in {str(directory)!r} ({len(problems)} broken)")
+    existing = []
+    try:
+        existing, _ = read_triplets(output)
+    except ValueError:
+        existing = []
+    keep = [r.to_record() for r in existing if r.relation != relation]
+    write_triplets(keep + records, output)
+    typer.echo(f"{len(records)} triplets of {relation!r} written to {output} ({len(problems)} skipped)")
+
+
+
+@data_app.command("generate")
+def data_generate(
+    spec: Annotated[str, typer.Argument(help="Relation specs, YAML or JSONL (path or URL); see "
+                                             "manifests/examples/relation_spec.yaml.")],
+    output: Annotated[str, typer.Option(help="Dataset root (path or URL): triplets.parquet, images/, outcomes/, "
+                                             "dropped.parquet, engine.json.")] = "outputs/engine",
+    preset: Annotated[str, typer.Option(help="'tiny' (built-in miniature models, noise images), 'sdxl' (public "
+                                             "weights) or a model folder; also picks the annotators.")] = "tiny",
+    generator: Annotated[str, typer.Option(help="'pipeline' (our SDXL stack) or 'api' (an OpenAI-compatible "
+                                                "images API).")] = "pipeline",
+    api_base: Annotated[Optional[str], typer.Option(help="Images API base URL, e.g. https://api.openai.com/v1 "
+                                                         "(--generator api).")] = None,
+    api_key_env: Annotated[str, typer.Option(help="Environment variable holding the API key.")] = "OPENAI_API_KEY",
+    api_model: Annotated[str, typer.Option(help="Images API model.")] = "gpt-image-1",
+    api_size: Annotated[str, typer.Option(help="Images API size, WxH or auto.")] = "1024x1024",
+    actors: Annotated[int, typer.Option(help="Generation actors (one model each).")] = 1,
+    annotate_actors: Annotated[Optional[int], typer.Option(help="Annotation actors (default: --actors).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Samples per actor call.")] = 4,
+    gpus_per_actor: Annotated[Optional[float], typer.Option(
+        help="GPUs per actor of each pool (default: 0.5 when the cluster has GPUs, else 0).")] = None,
+    cpus_per_actor: Annotated[Optional[float], typer.Option(
+        help="CPUs per actor (default: 0.5 without GPUs, so that Ray Data keeps CPUs for its own tasks).")] = None,
+    address: Annotated[Optional[str], typer.Option(
+        help="Ray cluster address; default: a local Ray started in-process.")] = None,
+    executor: Annotated[str, typer.Option(help="'ray', or 'local' (both stages in this process, no Ray).")] = "ray",
+    resume: Annotated[bool, typer.Option(help="Skip samples that already have an outcome under OUTPUT "
+                                              "(--no-resume starts over).")] = True,
+    retry_errors: Annotated[bool, typer.Option(help="On resume, rerun samples dropped for a generation or "
+                                                    "annotation error.")] = False,
+    detection_threshold: Annotated[float, typer.Option(help="OWLv2 score a detection needs.")] = 0.1,
+    max_instances: Annotated[int, typer.Option(help="Detections allowed per subject (1: found exactly once).")] = 1,
+    min_keypoint_confidence: Annotated[float, typer.Option(help="Mean keypoint-match confidence each subject "
+                                                                "needs, in [0, 1].")] = 0.5,
+    visibility_threshold: Annotated[float, typer.Option(help="Keypoints less confident than this get "
+                                                             "visibility 0.")] = 0.5,
+    min_clip_r: Annotated[Optional[float], typer.Option(help="CLIP-R (x100) the target needs; default: "
+                                                             "recorded, not gated.")] = None,
+    min_layout_iou: Annotated[Optional[float], typer.Option(help="IoU each subject's box needs with its layout "
+                                                                 "box; default: recorded, not gated.")] = None,
+    max_subject_iou: Annotated[float, typer.Option(help="Drop when two subjects' boxes overlap more than this "
+                                                        "(1 disables).")] = 0.8,
+    caption: Annotated[bool, typer.Option(help="Caption each kept target (BLIP) into its metadata.")] = False,
+    feature_size: Annotated[Optional[int], typer.Option(help="DINOv2 input side for keypoint transfer, a multiple "
+                                                             "of its patch (default: 448; 64 for tiny).")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+) -> None:
+    """Make relation triplets (paper 3.3): generate subject and target images, annotate, gate, write triplets.
+
+    Kept triplets go to OUTPUT/triplets.parquet (what `train relations` reads); dropped samples, with their stage
+    and reason, to OUTPUT/dropped.parquet; counts to OUTPUT/engine.json. Running again resumes.
+    """
+    from batch.engine_job import EngineJobConfig, EngineJobError, run
+    from batch.engine_worker import EngineConfig
+    from dreamrelation.engine import GateConfig
+
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        gates = GateConfig(detection_threshold=detection_threshold, max_instances=max_instances,
+                           min_keypoint_confidence=min_keypoint_confidence, visibility_threshold=visibility_threshold,
+                           min_clip_r=min_clip_r, min_layout_iou=min_layout_iou, max_subject_iou=max_subject_iou)
+        engine = EngineConfig(output=output, preset=preset, generator=generator, api_base=api_base,
+                              api_key_env=api_key_env, api_model=api_model, api_size=api_size, device=device,
+                              caption=caption, feature_size=feature_size, gates=gates)
+        config = EngineJobConfig(spec=spec, output=output, engine=engine, generate_actors=actors,
+                                 annotate_actors=annotate_actors or actors, batch_size=batch_size,
+                                 gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, address=address,
+                                 resume=resume, retry_errors=retry_errors, executor=executor)
+    except ValueError as exc:
+        fail(str(exc))
+    bar, progress = progress_bar("sample", "making triplets")
+    try:
+        summary = run(config, progress=progress)
+    except (FileNotFoundError, ValueError, EngineJobError) as exc:
+        fail(str(exc))
+    finally:
+        bar.close()
+    typer.echo(f"planned {summary['planned']}  made {summary['made']}  dropped {summary['dropped']}  "
+               f"skipped {summary['skipped']}  ({summary['total']['made']} triplets in the dataset)")
+    for reason, n in summary["dropped_by_reason"].items():
+        typer.echo(f"  dropped {n}: {reason}")
+    typer.echo(f"triplets: {summary['triplets']}")
+    if summary["total"]["dropped"]:
+        typer.echo(f"dropped samples and reasons: {summary['dropped_file']}")
+    if preset == "tiny" and summary["dropped"] and not summary["made"]:
+        typer.echo("note: the tiny preset's detector and features are random, so the default gates drop nearly "
+                   "every sample; to try the whole path add "
+                   "--max-instances 16 --max-subject-iou 1 --min-keypoint-confidence 0")
