@@ -45,7 +45,6 @@ def data_import_public(
     typer.echo(f"{len(records)} triplets of {relation!r} written to {output} ({len(problems)} skipped)")
 
 
-
 @data_app.command("generate")
 def data_generate(
     spec: Annotated[str, typer.Argument(help="Relation specs, YAML or JSONL (path or URL); see "

@@ -75,7 +75,6 @@ def build_tiny_cmd(
     typer.echo(f"tiny model written to {directory}")
 
 
-
 def generate(
     prompt: Annotated[Optional[str], typer.Option(
         help="Prompt naming the subjects and the relation, e.g. 'a dog is hugging a cat'.")] = None,

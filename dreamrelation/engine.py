@@ -329,7 +329,7 @@ class Annotator:
                 return box
         return 0.0, 0.0, 1.0, 1.0
 
-    def _keypoints(self, features, phrase: str, subject: Image.Image, subject_box: Box, subject_mask: np.ndarray,
+    def _keypoints(self, phrase: str, subject: Image.Image, subject_box: Box, subject_mask: np.ndarray,
                    target: Image.Image, box: Box, target_mask: np.ndarray) -> tuple:
         """(subject_points, target_points) pixel (17, 2), confidence (17,), subject scores (17,) or None, layout."""
         if phrase.lower() in self.person_classes and self.pose is not None:
@@ -340,7 +340,7 @@ class Annotator:
         from .keypoints import mask_points, transfer_keypoints
 
         points = mask_points(subject_mask, NUM_KEYPOINTS)
-        moved = transfer_keypoints(features, subject, points, subject_mask, target, target_mask)
+        moved = transfer_keypoints(self.features, subject, points, subject_mask, target, target_mask)
         return points, moved.points, np.clip(np.asarray(moved.confidence, np.float64), 0, 1), None, "points"
 
     def annotate(self, target: Image.Image, subject_images: Sequence[Image.Image], phrases: Sequence[str],
@@ -386,7 +386,6 @@ class Annotator:
         if drop:
             return replace(drop, metrics=metrics)
         # 3. masks, 4. keypoints
-        features = _Memo(self.features)  # the target's features serve every subject
         target_masks = self._masks(target, [d.box for d in picked])
         subjects = []
         for j, (phrase, det, image, target_mask) in enumerate(zip(phrases, picked, subject_images, target_masks)):
@@ -394,7 +393,7 @@ class Annotator:
             subject_mask = self._masks(image, [subject_box])[0]
             try:
                 s_pts, t_pts, conf, s_scores, layout = self._keypoints(
-                    features, phrase, image, subject_box, subject_mask, target, det.box, target_mask)
+                    phrase, image, subject_box, subject_mask, target, det.box, target_mask)
             except ValueError as exc:  # mask_points: a mask too small to place 17 points in
                 return Drop("annotate", "mask_too_small", f"subject {j} ({phrase!r}): {exc}", metrics)
             metrics[f"keypoint_confidence_{j}"] = round(float(np.mean(conf)), 4)
@@ -414,15 +413,3 @@ class Annotator:
         caption = self.captioner(target) if self.captioner is not None else None
         return Annotation(subjects=tuple(subjects), clip_r=clip_r, caption=caption, metrics=metrics)
 
-
-class _Memo:
-    """Dense features computed once per image object (one sample's annotation: the target serves every subject)."""
-
-    def __init__(self, features) -> None:
-        self.features = features
-        self.cache: dict[int, tuple[Image.Image, Any]] = {}  # id -> (image kept alive so the id stays its own, map)
-
-    def __call__(self, image: Image.Image):
-        if id(image) not in self.cache:
-            self.cache[id(image)] = (image, self.features(image))
-        return self.cache[id(image)][1]
