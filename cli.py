@@ -22,6 +22,22 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
+
+
+@app.callback()
+def main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks with errors, and debug logs.")) -> None:
+    """DreamRelation: relation-aware customized image generation (your subjects, acting out a relation)."""
+    if debug:
+        import logging
+
+        import commands.common
+
+        commands.common.DEBUG = True
+        logging.basicConfig(level=logging.WARNING)
+        for package in ("batch", "cluster", "commands", "dreamrelation", "manifests"):
+            logging.getLogger(package).setLevel(logging.DEBUG)
+
+
 app.command()(generate)
 # the order of the groups in `--help`
 app.add_typer(models_app, name="models")

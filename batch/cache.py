@@ -18,6 +18,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import PIL.Image
@@ -58,6 +59,10 @@ class LRU(Generic[K, V]):
     def keys(self) -> list[K]:
         """Keys from least to most recently used."""
         return list(self._data)
+
+    def peek(self, key: K, default: Any = None) -> V | Any:
+        """The value of ``key`` or ``default``, without counting a lookup or changing its recency."""
+        return self._data.get(key, default)
 
     def get(self, key: K, default: Any = None) -> V | Any:
         """The value of ``key`` (now the most recently used) or ``default``; counts a hit or a miss."""
@@ -134,6 +139,15 @@ def lora_rank(state_dict: dict[str, torch.Tensor]) -> int:
     return max(ranks)
 
 
+@dataclass(frozen=True)
+class _LoadedLoRA:
+    """A relation LoRA read from the registry: its state dict (CPU) and where exactly it came from."""
+
+    state: dict[str, torch.Tensor]
+    uri: str
+    sha256: str
+
+
 class LoRACache(_Counted):
     """Relation LoRAs for one pipeline: an LRU of state dicts in CPU memory, one adapter slot in the UNet.
 
@@ -156,7 +170,7 @@ class LoRACache(_Counted):
         if target_rank is not None and (not isinstance(target_rank, int) or target_rank < 1):
             raise ValueError(f"target_rank must be a positive integer or None, got {target_rank!r}")
         self.target_rank = target_rank  # hotswap padding; None: the rank of the first LoRA loaded
-        self._lru: LRU[str, dict[str, torch.Tensor]] = LRU(capacity)
+        self._lru: LRU[str, _LoadedLoRA] = LRU(capacity)
         self.active: str | None = None  # relation whose weights are in the slot
         self._hotswap_ready = False  # the slot was loaded by us after enable_lora_hotswap
         self.swaps = 0
@@ -166,17 +180,25 @@ class LoRACache(_Counted):
         """The ``relation=`` argument of the pipeline call for rows of ``relation`` (after :meth:`activate`)."""
         return None if relation is None else self.slot_name
 
-    def _read(self, relation: str) -> dict[str, torch.Tensor]:
+    def _read(self, relation: str) -> _LoadedLoRA:
         from safetensors.torch import load
 
-        return load(self.registry.read_bytes(relation))
+        data = self.registry.read_bytes(relation)
+        return _LoadedLoRA(load(data), self.registry.uri(relation), hashlib.sha256(data).hexdigest())
+
+    def source(self, relation: str | None) -> tuple[str, str] | None:
+        """(URI, sha256 of the bytes) of the file ``relation``'s cached LoRA was read from (provenance); None for
+        no relation or one not loaded."""
+        loaded = self._lru.peek(relation) if relation is not None else None
+        return (loaded.uri, loaded.sha256) if loaded is not None else None
 
     def activate(self, relation: str | None) -> bool | None:
         """Make ``relation``'s LoRA the one in the slot; True if its state dict came from the cache, False if
         it was read from storage, None for ``relation=None`` (generate without a LoRA: the slot is kept)."""
         if relation is None:
             return None
-        state, hit = self._lru.get_or_load(relation, self._read)
+        loaded, hit = self._lru.get_or_load(relation, self._read)
+        state = loaded.state
         if relation != self.active:
             start = time.perf_counter()
             self._install(relation, state)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
@@ -33,6 +32,7 @@ import numpy as np
 from manifests import storage
 from manifests.io import read_table, table_to_rows, write_manifest
 from manifests.registry import CARD_NAME, REGISTRY_FILE, WEIGHTS_NAME, LoRARegistry
+from manifests.run_record import RunFormatError, differences, read_run
 from manifests.relationbench import KINDS, build_cases, case_kind, subjects_from_dir, template
 from manifests.schema import GenerationRow, check_key
 
@@ -153,10 +153,6 @@ def _single_lora_relation(uri: str, weights: str) -> str:
     return check_key(name, f"relation id of the LoRA at {uri!r}")
 
 
-def _absolute(uri: str) -> str:
-    return uri if "://" in uri else os.path.abspath(uri)
-
-
 def plan(config: EvalConfig) -> tuple[list[GenerationRow], list[PlannedRun]]:
     """The cases and one run per configuration; raises ``ValueError`` before anything runs when a configuration
     lacks a relation LoRA the cases need (unless ``allow_missing``)."""
@@ -181,7 +177,7 @@ def plan(config: EvalConfig) -> tuple[list[GenerationRow], list[PlannedRun]]:
         weights = _single_lora(conf.loras)
         if weights is not None:
             relation = _single_lora_relation(conf.loras, weights)
-            registry_file = {relation: _absolute(weights)}
+            registry_file = {relation: storage.absolute(weights)}
             root = storage.join(config.output, "loras", conf.name)
             conf = replace(conf, loras=root)
             has = lambda r, known=frozenset(registry_file): r in known  # noqa: E731
@@ -213,41 +209,37 @@ def _prepare_output(config: EvalConfig, cases: list[GenerationRow], runs: list[P
     if have_cases and table_to_rows(read_table(cases_uri)) != cases:
         raise ValueError(f"output {config.output!r} already holds different cases ({cases_uri}: other seed, "
                          "counts, subjects, relations, size or steps); use a new --output")
+    # base, or --allow-missing: the cases with some relations nulled, in a manifest of their own
+    manifests = {r.configuration.name: cases_uri if list(r.rows) == cases
+                 else storage.join(config.output, "manifests", f"{r.configuration.name}.parquet") for r in runs}
     for run in runs:  # every check before the first write
-        _check_previous_run(run, config)
+        _check_previous_run(run, config, manifests[run.configuration.name])
     if not have_cases:
         write_manifest(cases, cases_uri)
-    manifests: dict[str, str] = {}
     for run in runs:
         conf = run.configuration
         if run.registry_file is not None:
             storage.write_bytes_atomic(storage.join(conf.loras, REGISTRY_FILE),
                                        json.dumps({"relations": run.registry_file}, indent=2).encode())
-        if list(run.rows) == cases:
-            manifests[conf.name] = cases_uri
-        else:  # base, or --allow-missing: the cases with some relations nulled
-            manifests[conf.name] = storage.join(config.output, "manifests", f"{conf.name}.parquet")
+        if manifests[conf.name] != cases_uri:
             write_manifest(run.rows, manifests[conf.name])
     return manifests
 
 
-def _same_place(uri: str | None) -> str | None:
-    return None if uri is None else _absolute(str(uri).rstrip("/"))
-
-
-def _check_previous_run(run: PlannedRun, config: EvalConfig) -> None:
-    """A resumed configuration must have run with the same preset, LoRAs and local-token switch."""
-    uri = storage.join(run.output, "run.json")
-    if not config.resume or not storage.exists(uri):
+def _check_previous_run(run: PlannedRun, config: EvalConfig, manifest: str) -> None:
+    """A resumed configuration must have run with the settings it would run with now (``batch.job``'s rule)."""
+    if not config.resume:
         return
-    previous = json.loads(storage.read_bytes(uri)).get("configuration") or {}
-    now = {"preset": config.preset, "loras": _same_place(run.configuration.loras),
-           "use_local_tokens": run.configuration.use_local_tokens}
-    before = {"preset": previous.get("preset"), "loras": _same_place(previous.get("loras")),
-              "use_local_tokens": (previous.get("worker") or {}).get("use_local_tokens")}
-    if now != before:
-        raise ValueError(f"config {run.configuration.name!r}: {run.output} was run with {before}, not {now}; "
-                         "use a new --output, another config name, or --no-resume")
+    try:
+        previous = read_run(run.output)
+    except RunFormatError as e:
+        raise ValueError(f"config {run.configuration.name!r}: {e}") from None
+    if previous is None:
+        return
+    changed = differences(previous.settings, job_config(config, run, manifest).absolute().settings())
+    if changed:
+        raise ValueError(f"config {run.configuration.name!r}: {run.output} was run with other settings "
+                         f"({'; '.join(changed)}); use a new --output or another config name")
 
 
 def job_config(config: EvalConfig, run: PlannedRun, manifest: str):
@@ -260,7 +252,8 @@ def job_config(config: EvalConfig, run: PlannedRun, manifest: str):
                           max_batch_images=config.max_batch_images, use_local_tokens=conf.use_local_tokens)
     return JobConfig(manifest=manifest, output=run.output, worker=worker, preset=config.preset, loras=conf.loras,
                      actors=config.actors, gpus_per_actor=config.gpus_per_actor, cpus_per_actor=config.cpus_per_actor,
-                     batch_size=config.batch_size, address=config.address, resume=config.resume)
+                     batch_size=config.batch_size, address=config.address, resume=config.resume,
+                     new_attempt=True)  # a rerun may use other actors or batch sizes: finished rows stay valid
 
 
 def run_evaluation(config: EvalConfig,
@@ -280,8 +273,8 @@ def run_evaluation(config: EvalConfig,
         logger.info("config %r: %d cases -> %s", conf.name, len(run.rows), run.output)
         callback = (lambda done, total, name=conf.name: progress(name, done, total)) if progress else None
         summary = submit(job, progress=callback)
-        submitted[conf.name] = {k: summary.get(k) for k in ("accepted", "rejected", "skipped", "ok", "error",
-                                                            "images", "seconds_total")}
+        submitted[conf.name] = {"attempt": summary["attempt"]["attempt_id"], **summary["attempt"]["counts"],
+                                "seconds": summary["attempt"]["seconds"], "run_rows": summary["run"]["rows"]}
     without = {r.configuration.name: list(r.without_lora) for r in runs if r.configuration.loras is not None
                and r.without_lora}
     report = aggregate(config.output, [r.configuration.name for r in runs], cases, preset=config.preset,

@@ -1,13 +1,20 @@
-"""The batch job on Ray Data: manifest -> validation -> resume -> plan -> GPU actor pool -> results + run.json.
+"""``batch submit``: one attempt of a run, kept honest by a lease, a settings check, attempt records and the ledger.
 
-The only module of the project that speaks Ray Data. The driver reads and validates the manifest itself (it is
-metadata, a few MB for 50,000 rows, and duplicate row ids need the whole table), writes the rejected rows with
-their reasons and the accepted ones to ``{out}/manifest.parquet`` (the rows of the run, which export and evaluation
-read), skips rows that already have a result (resume), orders the rest by relation and subject set (LoRA
-and subject-cache locality), and hands them to ``map_batches`` on a fixed ``ActorPoolStrategy``. Each actor is a
-thin shell over :class:`batch.worker.Worker`: it writes images and a results file per batch itself, atomically and
-under deterministic names, so a killed driver or actor never leaves partial files and a retried batch never
-duplicates a result. A quality gate (``WorkerConfig.gate``) runs inside the actors; run.json counts its outcome.
+A run is an output root. :func:`submit`:
+
+1. resolves every path to an absolute URI (workers never see the submitting shell's folder) and reads the manifest's
+   Parquet footers (a bad file fails here, before anything is written);
+2. takes the output's lease (``manifests.lease``: one writer at a time; a second submit refuses, naming the holder);
+3. checks the submission against ``run.json`` (``manifests.run_record``): settings that change images must be the
+   run's, LoRA files must be the ones the run used, other execution settings need ``--new-attempt``;
+4. records the attempt (``attempts/{id}.json``) and streams the manifest through :mod:`batch.pipeline`; rows that
+   already have a final result in the ledger are skipped (resume), errors too unless ``--retry-errors``;
+   ``--no-resume`` starts a new generation of results instead;
+5. however it ends (done, Ctrl-C, a failure), writes ``rejected.parquet`` (completed attempts), compacts the
+   attempt's result files, and writes the attempt record and ``run.json`` (cumulative counts from the ledger),
+   releases the lease and shuts down the Ray it started.
+
+Work that reads whole files (row ids, the ledger) runs in Ray tasks, so the driver's memory stays flat.
 """
 
 from __future__ import annotations
@@ -16,27 +23,38 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from typing import Any
 
-from manifests import storage
-from manifests.io import (
-    check_image_file,
-    read_manifest_table,
-    read_results,
-    validate_table,
-    write_manifest,
-    write_rejections,
-)
-from manifests.registry import LoRARegistry
-from manifests.runtime import ray_init_args
-from manifests.schema import GateSpec
+import pyarrow.parquet as pq
 
+from manifests import storage
+from manifests.io import ManifestError, check_columns, manifest_files, write_table
+from manifests.lease import Lease, LeaseHeld
+from manifests.ledger import attempt_folders, compact_all, done_row_ids, ledger_counts
+from manifests.registry import LoRARegistry
+from manifests.run_record import (
+    AttemptRecord,
+    RunFormatError,
+    RunMismatch,
+    RunRecord,
+    differences,
+    next_attempt_id,
+    package_versions,
+    read_run,
+    write_attempt,
+    write_run,
+)
+from manifests.runtime import ray_init_args
+from manifests.schema import utc_now
+
+from . import pipeline
 from .worker import WorkerConfig
 
 logger = logging.getLogger(__name__)
 
-RUN_MANIFEST = "manifest.parquet"  # {out}/manifest.parquet: the accepted rows of the run
+TASK_CPUS = 0.25  # the small whole-file tasks (row ids, ledger): a fraction, beside the actors
 
 
 @dataclass(frozen=True)
@@ -54,173 +72,328 @@ class JobConfig:
     cpus_per_actor: float | None = None  # None: 0.5 without GPUs (Ray Data deadlocks if actors take every CPU)
     batch_size: int = 4  # rows per actor call
     address: str | None = None  # None: a local Ray started in-process
-    resume: bool = True
+    resume: bool = True  # False: a new generation of results (the old ones stay under their attempts)
+    retry_errors: bool = False  # rows whose final result is an error run again
+    new_attempt: bool = False  # accept other execution settings (actors, batch size, ...) than the run's
     check_images: bool = True
+    lease_timeout: float = 300.0  # seconds without a heartbeat after which a lease may be stolen
+    steal_lease: bool = False
 
     def worker_config(self) -> WorkerConfig:
         base = self.worker or WorkerConfig(output=self.output, preset=self.preset, loras=self.loras)
         return replace(base, output=self.output, preset=self.preset, loras=self.loras)
 
+    def absolute(self) -> "JobConfig":
+        """Every user path as an absolute URI (a worker's folder is not the shell's)."""
+        worker = self.worker_config()
+        preset = self.preset if self.preset in ("tiny", "sdxl") else storage.absolute(self.preset)
+        loras = storage.absolute(self.loras) if self.loras else None
+        output = storage.absolute(self.output).rstrip("/")
+        local = storage.absolute(worker.local_encoder) if worker.local_encoder else None
+        worker = replace(worker, output=output, preset=preset, loras=loras, local_encoder=local)
+        return replace(self, manifest=storage.absolute(self.manifest), output=output, preset=preset, loras=loras,
+                       worker=worker)
+
+    def settings(self) -> dict[str, Any]:
+        """What changes a row's images: fixed by the run's first submission."""
+        w = self.worker_config()
+        return dict(manifest=self.manifest, preset=w.preset, local_encoder=w.local_encoder, loras=w.loras,
+                    use_local_tokens=w.use_local_tokens, dtype=w.dtype, metrics=w.metrics, gate=w.gate)
+
+    def execution(self) -> dict[str, Any]:
+        """How rows are made, not what they become: may change between attempts with ``--new-attempt``."""
+        w = self.worker_config()
+        return dict(actors=self.actors, gpus_per_actor=self.gpus_per_actor, cpus_per_actor=self.cpus_per_actor,
+                    batch_size=self.batch_size, max_batch_images=w.max_batch_images, address=self.address,
+                    lora_cache_size=w.lora_cache_size, subject_cache_size=w.subject_cache_size, device=w.device,
+                    compile_unet=w.compile_unet, check_images=self.check_images)
+
 
 class JobError(RuntimeError):
-    """A failure of the whole job (bad manifest file, storage, cluster): stops before or during the run."""
+    """A failure of the whole job (storage, cluster, a model that does not load): one line, naming what failed."""
 
 
-def _init_ray(address: str | None) -> None:
-    """Join ``address`` or start a local Ray (workers inherit the driver's storage and model settings)."""
+class JobInterrupted(RuntimeError):
+    """The attempt was stopped (Ctrl-C, SIGTERM); its record and run.json were written. ``summary``: as submit's."""
+
+    def __init__(self, summary: dict[str, Any]):
+        super().__init__(f"attempt {summary['attempt']['attempt_id']} interrupted")
+        self.summary = summary
+
+
+def manifest_row_count(uri: str) -> int:
+    """Rows of the manifest at ``uri``, from its Parquet footers (columns checked first); ``ManifestError``."""
+    total = 0
+    for file in manifest_files(uri):
+        fs, path = storage.filesystem(file)
+        try:
+            with fs.open(path, "rb") as f:
+                meta = pq.ParquetFile(f)
+                check_columns(meta.schema_arrow.names, file)
+                total += meta.metadata.num_rows
+        except ManifestError:
+            raise
+        except Exception as e:  # noqa: BLE001 - not Parquet, truncated, unreadable
+            raise ManifestError(f"manifest {file}: not a readable Parquet file ({type(e).__name__}: {e})") from e
+    return total
+
+
+def lora_fingerprints(loras: str | None) -> dict[str, str]:
+    """{relation: fingerprint of its LoRA file} for every relation in the registry (one stat each, in parallel)."""
+    if not loras:
+        return {}
+    registry = LoRARegistry(loras)
+    relations = registry.relations()
+    with ThreadPoolExecutor(16) as pool:
+        return dict(zip(relations, pool.map(registry.fingerprint, relations)))
+
+
+# ------------------------------------------------------------------------------------------------------- the run
+def _check_run(config: JobConfig, run: RunRecord | None, registry: dict[str, str]) -> RunRecord:
+    """The run this submission continues (or starts); RunMismatch naming every difference that forbids it."""
+    out = config.output
+    if run is None:
+        if attempt_folders(out):
+            raise RunMismatch(f"output {out} holds results but no run.json of this version (a run of an older "
+                              f"version?): its rows cannot be resumed safely; use a new --output")
+        return RunRecord(output=out, settings=config.settings(), execution=config.execution(),
+                         lora_fingerprints=registry)
+    changed = differences(run.settings, config.settings())
+    if changed:
+        raise RunMismatch(f"output {out} holds a run made with other settings ({'; '.join(changed)}); these change "
+                          f"the images: submit to a new --output")
+    replaced = [f"{r}: {run.lora_fingerprints[r]} in the run, {fp} now" for r, fp in sorted(registry.items())
+                if r in run.lora_fingerprints and run.lora_fingerprints[r] != fp]
+    if replaced:
+        raise RunMismatch(f"output {out}: relation LoRA files in {config.loras} changed since the run used them "
+                          f"({'; '.join(replaced)}); restore them or submit to a new --output")
+    other = differences(run.execution, config.execution())
+    if other and not config.new_attempt:
+        raise RunMismatch(f"output {out} was run with other execution settings ({'; '.join(other)}); they do not "
+                          f"change finished rows: pass --new-attempt to go on with these")
+    run.lora_fingerprints = {**registry, **run.lora_fingerprints}
+    return run
+
+
+def _init_ray(address: str | None) -> bool:
+    """Join ``address`` or start a local Ray; True when this call started it (the job shuts it down again)."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(**ray_init_args(address))
+    if ray.is_initialized():
+        return False
+    ray.init(**ray_init_args(address))
+    return True
 
 
-class GenerationActor:
-    """Ray actor: builds one :class:`Worker` (models, caches) and serves batches of rows."""
+def _remote(fn: Callable, *args: Any, num_returns: int = 1) -> Any:
+    """``fn(*args)`` as a Ray task on a fraction of a CPU; object refs back (the driver fetches only what it needs)."""
+    import ray
 
-    def __init__(self, config: dict):
-        from .worker import Worker
+    return ray.remote(num_cpus=TASK_CPUS, num_returns=num_returns)(fn).remote(*args)
 
-        self.worker = Worker(WorkerConfig(**config))
 
-    def __call__(self, batch: dict) -> dict:
-        records = [row for chunk in batch["rows"] for row in json.loads(chunk)]
-        results = self.worker.process_and_write(records)
-        return {
-            "row_id": [r.row_id for r in results],
-            "status": [r.status for r in results],
-            "error": [r.error or "" for r in results],
-            "images": [len(r.images) for r in results],
-            "relation": [r.relation or "" for r in results],
-            "lora_cache_hit": [-1 if r.lora_cache_hit is None else int(r.lora_cache_hit) for r in results],
-            "subject_cache_hits": [r.subject_cache_hits for r in results],
-            "subjects": [len(records[i]["subjects"]) for i in range(len(results))],
-            "gate": [r.gate or "" for r in results],
-            "attempts": [len(r.attempts) for r in results],  # images made under the gate, final ones included
-            "seconds": [json.dumps({k: getattr(r, k) for k in r.model_fields if k.startswith("seconds_")})
-                        for r in results],
-        }
+def _on_worker(fn: Callable, *args: Any) -> Any:
+    """``fn(*args)`` in a Ray task when Ray is up (its value back), else here."""
+    import ray
+
+    return ray.get(_remote(fn, *args)) if ray.is_initialized() else fn(*args)
+
+
+def one_line(exc: BaseException) -> str:
+    """One line for an exception that may be wrapped by Ray: the innermost cause, its type and first line."""
+    seen = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        inner = getattr(exc, "cause", None) or exc.__cause__
+        if inner is None or inner is exc:
+            break
+        exc = inner
+    text = str(exc).strip().splitlines()
+    first = next((line for line in text if line.strip() and not line.startswith(("Traceback", "ray::"))), "")
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def _index_task(manifest: str) -> tuple[int, dict, pipeline.RowIndex]:
+    index = pipeline.index_rows(manifest)
+    return index.read, index.duplicates, index
+
+
+def _ledger_task(output: str, earlier: list[str], resume: bool, retry_errors: bool):
+    """Compact earlier attempts' result files, then the row ids that need no new result (None: no resume)."""
+    compact_all(output, earlier)
+    return done_row_ids(output, retry_errors) if resume else None
+
+
+def _to_check_task(index: pipeline.RowIndex, done) -> int:
+    """Rows of the manifest the pipeline must look at: all but the first occurrences of done row ids."""
+    return index.read - (index.count_in(done) if done is not None else 0)
+
+
+def _close_task(output: str, attempt_id: str, index, completed: bool) -> tuple[int | None, dict[str, int]]:
+    """The attempt's rejected rows (replacing rejected.parquet when it completed), compaction, the ledger counts."""
+    rejected = None
+    if index is not None:
+        table = pipeline.combine_rejections(output, attempt_id, index)
+        rejected = table.num_rows
+        if completed:
+            write_table(table, storage.join(output, pipeline.REJECTED_FILE))
+    compact_all(output, [attempt_id])
+    return rejected, ledger_counts(output)
 
 
 def submit(config: JobConfig, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    """Run the job; returns the run summary that is also written to ``{output}/run.json``."""
-    t_start = time.perf_counter()
+    """Run one attempt of the run at ``config.output``; returns ``{"attempt": ..., "run": ...}`` (the attempt record
+    and run.json as written). Raises ManifestError (bad manifest file), RunMismatch (settings), JobError (lease,
+    storage, cluster, actors), JobInterrupted (Ctrl-C / SIGTERM, after writing the records)."""
+    config = config.absolute()
     out = config.output
-    gate = config.worker_config().gate_spec()  # WorkerConfig checked it, and that metrics are on
-    # 1. read + validate on the driver; file-level problems fail here, before Ray starts or a model loads
-    table = read_manifest_table(config.manifest)
-    registry = LoRARegistry(config.loras)
-    rows, rejected = validate_table(
-        table, check_image=check_image_file if config.check_images else None,
-        known_relations=registry.has, base_uri=config.manifest,
-    )
-    write_rejections(rejected, storage.join(out, "rejected.parquet"))
-    _write_run_manifest(rows, config.manifest, storage.join(out, RUN_MANIFEST))
-    # 2. resume: rows that already have a result are done
-    done: set[str] = set()
-    if config.resume:
-        done = set(read_results(storage.join(out, "results")).column("row_id").to_pylist())
-    todo = [r for r in rows if r.row_id not in done]
-    # 3. plan: chunks of rows that share a relation, ordered by subject set (LoRA and subject-cache locality)
-    chunks = plan_chunks(todo, config.batch_size)
-    summary: dict[str, Any] = dict(
-        manifest=config.manifest, output=out, read=table.num_rows, accepted=len(rows), rejected=len(rejected),
-        skipped=len(rows) - len(todo), ok=0, error=0, images=0,
-    )
-    results: list[dict] = []
-    t_run = time.perf_counter()
-    if chunks:
-        results = _run_actors(config, chunks, len(todo), progress)
-    wall = time.perf_counter() - t_run
-    summary.update(_summarize(results, wall))
-    summary["gate"] = _gate_summary(results, gate) if gate else None
-    summary["seconds_total"] = round(time.perf_counter() - t_start, 3)
-    summary["configuration"] = {**{k: v for k, v in asdict(config).items() if k != "worker"},
-                                "worker": config.worker_config().to_dict()}
-    storage.write_bytes_atomic(storage.join(out, "run.json"), json.dumps(summary, indent=2).encode())
+    read = manifest_row_count(config.manifest)
+    lease = Lease(out, owner="starting", timeout=config.lease_timeout)
+    try:
+        stolen = lease.acquire(steal=config.steal_lease)
+    except LeaseHeld as e:
+        raise JobError(str(e)) from None
+    except Exception as e:  # noqa: BLE001 - storage down, no permission, a file where a folder should be
+        raise JobError(f"cannot write to output {out}: {one_line(e)}") from e
+    if stolen is not None:
+        logger.warning("took over the lease of %s from %s (pid %s on %s, stale for %.0f s)", out, stolen.owner,
+                       stolen.pid, stolen.host, stolen.age_seconds())
+    try:
+        try:
+            run = _check_run(config, read_run(out), lora_fingerprints(config.loras))
+        except RunFormatError as e:
+            raise RunMismatch(str(e)) from None
+        new_generation = not config.resume and bool(run.attempts)
+        attempt = AttemptRecord(attempt_id=next_attempt_id(out), generation=run.generation + new_generation,
+                                execution=config.execution(), package_versions=package_versions(),
+                                flags=dict(resume=config.resume, retry_errors=config.retry_errors,
+                                           new_attempt=config.new_attempt))
+        lease.owner = attempt.attempt_id
+        lease.heartbeat()
+        lease.start_heartbeat()
+        earlier = attempt_folders(out)
+        run.generation, run.execution, run.status = attempt.generation, attempt.execution, "running"
+        run.attempts.append(attempt.attempt_id)
+        write_attempt(out, attempt)
+        write_run(out, run)
+        return _attempt(config, run, attempt, read, earlier, progress)
+    finally:
+        lease.release()
+
+
+def _attempt(config: JobConfig, run: RunRecord, attempt: AttemptRecord, read: int, earlier: list[str],
+             progress: Callable[[int, int], None] | None) -> dict[str, Any]:
+    import ray
+
+    out = config.output
+    t0 = time.perf_counter()
+    tally = pipeline.Tally()
+    index_ref = None
+    status, reason, error = "completed", None, None
+    started_ray = False
+    try:
+        started_ray = _init_ray(config.address)
+        _, duplicates_ref, index_ref = _remote(_index_task, config.manifest, num_returns=3)
+        done_ref = _remote(_ledger_task, out, earlier, config.resume, config.retry_errors)
+        to_check = ray.get(_remote(_to_check_task, index_ref, done_ref))
+        if progress:
+            progress(0, to_check)
+        has_gpu = ray.cluster_resources().get("GPU", 0) > 0
+        gpus = config.gpus_per_actor if config.gpus_per_actor is not None else (1.0 if has_gpu else 0.0)
+        cpus = config.cpus_per_actor if config.cpus_per_actor is not None else (1.0 if gpus else 0.5)
+        worker = replace(config.worker_config(), attempt_id=attempt.attempt_id,
+                         expect_fingerprints=run.fingerprints or None)
+        if not gpus and worker.device == "auto":
+            worker = replace(worker, device="cpu")
+        free = ray.cluster_resources().get("CPU", 1) - config.actors * cpus
+        done = 0
+
+        def step(rows: int) -> None:
+            nonlocal done
+            done += rows
+            if progress:
+                progress(done, to_check)
+
+        if to_check:  # else every row is done: no actor needs to load a model
+            pipeline.run_pipeline(
+                config.manifest, out, attempt.attempt_id, worker.to_dict(), loras=config.loras,
+                check_images=config.check_images, duplicates_ref=duplicates_ref, done_ref=done_ref,
+                actors=config.actors, batch_size=config.batch_size, gpus=gpus, cpus=cpus,
+                validators=int(max(1, min(8, free // 1.5))), tally=tally, progress=step)
+    except KeyboardInterrupt:
+        status, reason = "interrupted", "interrupted (Ctrl-C or SIGTERM): rows in flight were abandoned"
+    except RunMismatch as e:
+        status, reason, error = "failed", str(e), e
+    except Exception as e:  # noqa: BLE001 - recorded, then raised as one line
+        status, reason, error = "failed", one_line(e), e
+    try:
+        summary = _close(config, run, attempt, read, tally, index_ref, status, reason, time.perf_counter() - t0)
+    finally:
+        if started_ray:
+            ray.shutdown()
+    if status == "interrupted":
+        raise JobInterrupted(summary)
+    if isinstance(error, RunMismatch):
+        raise error
+    if error is not None:
+        raise JobError(f"attempt {attempt.attempt_id} failed: {reason}") from error
     return summary
 
 
-def _write_run_manifest(rows: list, source: str, uri: str) -> None:
-    """The accepted rows (subject images as absolute URIs) at ``uri``; a manifest that is that file already is
-    left as it is (a rerun over a run folder's own manifest)."""
-    fs_a, path_a = storage.filesystem(source)
-    fs_b, path_b = storage.filesystem(uri)
-    if type(fs_a) is type(fs_b) and path_a.rstrip("/") == path_b.rstrip("/"):
-        logger.warning("the manifest is %s itself: not overwritten with the accepted rows", uri)
-        return
-    write_manifest(rows, uri)
+def _close(config: JobConfig, run: RunRecord, attempt: AttemptRecord, read: int, tally: pipeline.Tally, index_ref,
+           status: str, reason: str | None, seconds: float) -> dict[str, Any]:
+    """Write the attempt record and run.json (best effort when the store itself failed: logged, not raised)."""
+    out = config.output
+    rejected, totals = None, None
+    try:
+        rejected, totals = _on_worker(_close_task, out, attempt.attempt_id, index_ref, status == "completed")
+    except BaseException as e:  # noqa: BLE001 - a store that is down: the records below say what is known
+        logger.warning("could not read the run's results back from %s: %s", out, one_line(e))
+    completed = status == "completed"
+    attempt.status, attempt.exit_reason, attempt.ended_at = status, reason, utc_now()
+    attempt.seconds = round(seconds, 3)
+    attempt.counts = dict(read=read, rejected=rejected, processed=tally.rows, ok=tally.ok, error=tally.error,
+                          images=tally.images,
+                          skipped=read - rejected - tally.rows if completed and rejected is not None else None)
+    attempt.seconds_per_stage = {k: round(v, 3) for k, v in sorted(tally.seconds_per_stage.items())}
+    attempt.images_per_second = round(tally.images / seconds, 4) if seconds > 0 and tally.images else 0.0
+    attempt.gate = (dict(thresholds=dict(config.worker_config().gate_spec().thresholds),
+                         max_attempts=config.worker_config().gate_spec().max_attempts, passed=tally.gate_passed,
+                         failed=tally.gate_failed, attempts=tally.gate_images,
+                         extra_images=tally.gate_images - tally.images) if config.worker_config().gate else None)
+    attempt.cache = dict(
+        lora_hit_rate=round(tally.lora_hits / tally.lora_lookups, 4) if tally.lora_lookups else None,
+        subject_hit_rate=round(tally.subject_hits / tally.subjects, 4) if tally.subjects else None)
+    attempt.workers = [json.loads(s) for s in sorted(tally.setups)]
+    attempt.error_samples = tally.errors
+    run.status = status
+    if not run.fingerprints and tally.fingerprints():
+        run.fingerprints = tally.fingerprints()
+    run.seconds = round(run.seconds + seconds, 3)
+    for stage, value in attempt.seconds_per_stage.items():
+        run.seconds_per_stage[stage] = round(run.seconds_per_stage.get(stage, 0.0) + value, 3)
+    if totals is not None:
+        rejected_now = _rejected_count(out)
+        run.rows = dict(read=read, ok=totals["ok"], error=totals["error"], rejected=rejected_now,
+                        pending=max(0, read - totals["ok"] - totals["error"] - rejected_now))
+        run.images = totals["images"]
+        run.gate = (dict(passed=totals["gate_passed"], failed=totals["gate_failed"])
+                    if config.worker_config().gate else None)
+    run.package_versions = attempt.package_versions
+    run.last_attempt = dict(attempt_id=attempt.attempt_id, status=status, exit_reason=reason, counts=attempt.counts)
+    try:
+        write_attempt(out, attempt)
+        write_run(out, run)
+    except Exception as e:  # noqa: BLE001 - the store is down: say so, the caller still reports the failure
+        logger.error("could not write the attempt record or run.json under %s: %s", out, one_line(e))
+    return {"attempt": attempt.model_dump(), "run": run.model_dump()}
 
 
-def _gate_summary(results: list[dict], gate: GateSpec) -> dict[str, Any]:
-    """Gate counts of this submission's rows: passed / failed rows, images made under the gate, extra images."""
-    ok = [r for r in results if r["status"] == "ok"]
-    attempts = sum(int(r["attempts"]) for r in ok)
-    return dict(thresholds=dict(gate.thresholds), max_attempts=gate.max_attempts,
-                passed=sum(r["gate"] == "passed" for r in ok), failed=sum(r["gate"] == "failed" for r in ok),
-                attempts=attempts, extra_images=attempts - sum(int(r["images"]) for r in ok))
+def _rejected_count(output: str) -> int:
+    uri = storage.join(output, pipeline.REJECTED_FILE)
+    if not storage.exists(uri):
+        return 0
+    fs, path = storage.filesystem(uri)
+    with fs.open(path, "rb") as f:
+        return pq.ParquetFile(f).metadata.num_rows
 
-
-def plan_chunks(rows: list, batch_size: int) -> list[list]:
-    """Rows -> actor calls: sorted by (relation, subject set, batch key); a call never mixes relations, so an
-    actor activates one relation LoRA per call, and rows that can denoise together sit side by side."""
-    ordered = sorted(rows, key=lambda r: (r.relation or "", r.subject_key(), r.batch_key(), r.row_id))
-    chunks: list[list] = []
-    for row in ordered:
-        if chunks and len(chunks[-1]) < batch_size and (chunks[-1][0].relation or "") == (row.relation or ""):
-            chunks[-1].append(row)
-        else:
-            chunks.append([row])
-    return chunks
-
-
-def _run_actors(config: JobConfig, chunks: list[list], total: int,
-                progress: Callable[[int, int], None] | None) -> list[dict]:
-    import ray
-    import ray.data
-
-    _init_ray(config.address)
-    has_gpu = ray.cluster_resources().get("GPU", 0) > 0
-    gpus = config.gpus_per_actor if config.gpus_per_actor is not None else (1.0 if has_gpu else 0.0)
-    cpus = config.cpus_per_actor if config.cpus_per_actor is not None else (1.0 if gpus else 0.5)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    worker = config.worker_config()
-    if not gpus and worker.device == "auto":
-        worker = replace(worker, device="cpu")
-    # one item per actor call: a JSON list of rows (nested manifest rows travel as text, not as Arrow structs)
-    items = [{"rows": json.dumps([r.model_dump(mode="json") for r in chunk])} for chunk in chunks]
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map_batches(
-        GenerationActor,
-        fn_constructor_kwargs={"config": worker.to_dict()},
-        compute=ray.data.ActorPoolStrategy(size=config.actors),
-        batch_size=1,
-        num_gpus=gpus,
-        num_cpus=cpus,
-    )
-    results: list[dict] = []
-    for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
-        results.extend(batch.to_dict("records"))
-        if progress:
-            progress(len(results), total)
-    return results
-
-
-def _summarize(results: list[dict], wall: float) -> dict[str, Any]:
-    ok = [r for r in results if r["status"] == "ok"]
-    images = sum(int(r["images"]) for r in ok)
-    stages: dict[str, float] = {}
-    for r in results:
-        for k, v in json.loads(r["seconds"]).items():
-            stages[k.removeprefix("seconds_")] = stages.get(k.removeprefix("seconds_"), 0.0) + float(v)
-    lora = [int(r["lora_cache_hit"]) for r in results if int(r["lora_cache_hit"]) >= 0]
-    return dict(
-        ok=len(ok), error=len(results) - len(ok), images=images,
-        seconds_run=round(wall, 3), images_per_second=round(images / wall, 4) if wall > 0 and images else 0.0,
-        seconds_per_stage={k: round(v, 3) for k, v in sorted(stages.items())},
-        lora_cache_hit_rate=round(sum(lora) / len(lora), 4) if lora else None,
-        subject_cache_hits=int(sum(int(r["subject_cache_hits"]) for r in results)),
-        subject_cache_hit_rate=(round(sum(int(r["subject_cache_hits"]) for r in results)
-                                      / max(1, sum(int(r["subjects"]) for r in results)), 4)),
-        errors=[{"row_id": r["row_id"], "error": r["error"]} for r in results if r["status"] != "ok"][:100],
-    )

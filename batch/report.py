@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import html
-import json
 from collections import Counter
 from typing import Any
 
 from manifests import storage
-from manifests.io import read_manifest_table, read_results, validate_table
+from manifests.io import read_manifest_table, read_table, validate_table
+from manifests.ledger import ledger_records
+from manifests.run_record import read_run_json
+from manifests.schema import GenerationRow
 
 METRICS = ("clip_t", "clip_r", "clip_i", "clip_i_crop", "dino")
 
@@ -18,30 +20,42 @@ def _mean(values: list[float]) -> float | None:
 
 
 def load_run(output: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """(run.json or {}, result rows deduplicated by row_id, last write wins)."""
-    run_uri = storage.join(output, "run.json")
-    run = json.loads(storage.read_bytes(run_uri)) if storage.exists(run_uri) else {}
-    table = read_results(storage.join(output, "results"))
-    rows: dict[str, dict] = {}
-    for r in table.to_pylist():
-        rows[r["row_id"]] = r
-    return run, list(rows.values())
+    """(run.json or {}, the ledger: the final result of each row, image URIs resolved under ``output``)."""
+    return read_run_json(output), ledger_records(output)
+
+
+def run_rows(output: str, run: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, GenerationRow]:
+    """The manifest row of each result: from its ``request`` (what the actor generated), else (results of older
+    versions) from the run's ``manifest.parquet`` or the manifest run.json names; {} when that has moved."""
+    rows = {r["row_id"]: GenerationRow.model_validate_json(r["request"]) for r in results if r.get("request")}
+    if len(rows) == len(results):
+        return rows
+    own = storage.join(output, "manifest.parquet")
+    source = own if storage.exists(own) else (run.get("settings") or run).get("manifest")
+    if source:
+        try:  # the accepted rows only: a manifest with rejected rows still names the prompts of the others
+            accepted, _ = validate_table(read_manifest_table(source), base_uri=source)
+            rows = {**{r.row_id: r for r in accepted}, **rows}
+        except Exception:  # noqa: BLE001 - the manifest may have moved: the report still shows results and metrics
+            pass
+    return rows
 
 
 def status(output: str) -> dict[str, Any]:
-    """Counts of a run folder: rows with results (ok / error), images, rejected rows, the last run's summary."""
+    """A run folder in numbers: the run's rows by state (run.json, whole run), the ledger's counts and mean
+    metrics, and the latest attempt."""
     run, results = load_run(output)
     if not run and not results:
         raise FileNotFoundError(f"no run found at {output!r} (no run.json, no results/)")
     counts = Counter(r["status"] for r in results)
     rejected_uri = storage.join(output, "rejected.parquet")
-    rejected = 0
-    if storage.exists(rejected_uri):
-        from manifests.io import read_table
-
-        rejected = read_table(rejected_uri).num_rows
+    rejected = read_table(rejected_uri).num_rows if storage.exists(rejected_uri) else 0
     out = dict(output=output, rows_with_results=len(results), ok=counts.get("ok", 0), error=counts.get("error", 0),
                images=sum(len(r["images"]) for r in results), rejected=rejected)
+    rows = run.get("rows") or {}
+    if rows.get("read") is not None:
+        out["read"] = rows["read"]
+        out["pending"] = max(0, rows["read"] - out["ok"] - out["error"] - rejected)
     gates = Counter(r.get("gate") for r in results if r.get("gate"))
     if gates:  # rows judged by a quality gate; attempts: every image made under it
         out.update(gate_passed=gates.get("passed", 0), gate_failed=gates.get("failed", 0),
@@ -49,10 +63,10 @@ def status(output: str) -> dict[str, Any]:
     for m in METRICS:
         mean = _mean([v for r in results for v in (r.get(m) or [])])
         out[f"mean_{m}"] = round(mean, 2) if mean is not None else None
-    if run:
-        out["last_run"] = {k: run.get(k) for k in ("read", "accepted", "rejected", "skipped", "ok", "error", "images",
-                                                    "images_per_second", "lora_cache_hit_rate", "seconds_total",
-                                                    "gate")}
+    if run.get("attempts"):
+        out["attempts"] = len(run["attempts"])
+        out["status"] = run.get("status")
+        out["last_attempt"] = run.get("last_attempt")
     return out
 
 
@@ -64,16 +78,7 @@ def render_report(output: str) -> str:
     """Write ``{output}/report.html`` (one card per image: prompt, relation, subjects, metrics; sortable) and
     return its URI."""
     run, results = load_run(output)
-    manifest_rows: dict[str, Any] = {}
-    own = storage.join(output, "manifest.parquet")  # the run's accepted rows (batch.job writes it)
-    source = own if storage.exists(own) else run.get("manifest")
-    if source:
-        try:
-            # the accepted rows only: a manifest with rejected rows still names the prompts of the others
-            accepted, _ = validate_table(read_manifest_table(source), base_uri=source)
-            manifest_rows = {r.row_id: r for r in accepted}
-        except Exception:  # the manifest may have moved: the report still shows results and metrics
-            manifest_rows = {}
+    manifest_rows = run_rows(output, run, results)
     st = status(output)
     cards = []
     for r in sorted(results, key=lambda r: r["row_id"]):
@@ -102,11 +107,11 @@ def render_report(output: str) -> str:
             )
     errors = [r for r in results if r["status"] != "ok"]
     summary_rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
-                           for k, v in st.items() if k != "last_run")
+                           for k, v in st.items() if k != "last_attempt")
     error_rows = "".join(f"<tr><td>{html.escape(r['row_id'])}</td><td>{html.escape(r.get('error') or '')}</td></tr>"
                          for r in errors)
     options = "".join(f'<option value="{m.replace("_", "")}">{m.upper().replace("_", "-")}</option>' for m in METRICS)
-    preset = (run.get("configuration") or {}).get("preset")
+    preset = (run.get("settings") or run.get("configuration") or {}).get("preset")
     banner = ("<p><b>Preset 'tiny'</b>: random miniature weights. These images are noise and their metrics say "
               "nothing about quality; they show that every step of the job ran.</p>" if preset == "tiny" else "")
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>dreamrelation run: {html.escape(output)}</title>

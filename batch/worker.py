@@ -16,19 +16,19 @@ is recorded in ``ResultRow.attempts``.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from typing import Any
 
 from manifests import storage
-from manifests.io import attempt_image_uri, image_uri, write_results
+from manifests.io import image_key, write_results
+from manifests.ledger import part_uri
 from manifests.registry import LoRARegistry
-from manifests.schema import GATE_METRICS, GateAttempt, GateSpec, GenerationRow, ResultRow, gate_option
+from manifests.run_record import RunMismatch, differences
+from manifests.schema import GATE_METRICS, GateAttempt, GateSpec, GenerationRow, ResultRow, gate_option, utc_now
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +47,12 @@ class WorkerConfig:
     subject_cache_size: int = 256
     metrics: bool = True
     use_local_tokens: bool = True
+    local_encoder: str | None = None  # a distilled local image encoder checkpoint (None: the preset's, if any)
     compile_unet: bool = False
     gate: GateSpec | dict[str, Any] | None = None  # quality gate; stored as GateSpec.model_dump() (JSON, picklable)
+    attempt_id: str = ""  # the run attempt the results belong to ("" outside a run: results/part-*.parquet)
+    # the fingerprints of the weights the run started with: an actor whose weights differ refuses to start
+    expect_fingerprints: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.gate is None:
@@ -67,12 +71,6 @@ class WorkerConfig:
         return asdict(self)
 
 
-def results_uri(output: str, row_ids: list[str]) -> str:
-    """A deterministic name for the results of a set of rows: a retried batch overwrites, never duplicates."""
-    digest = hashlib.sha1("\n".join(sorted(row_ids)).encode()).hexdigest()[:20]
-    return storage.join(output, "results", f"part-{digest}.parquet")
-
-
 @dataclass(frozen=True)
 class _Item:
     """One image to make: image index k of its row, gate attempt (0-based), its seed."""
@@ -86,10 +84,11 @@ class _Item:
 class _Final:
     """The image kept for slot k: where it was written, its scores (None without metrics), its gate verdict."""
 
-    uri: str
+    key: str  # relative to the output root (manifests.io.image_key)
     scores: dict | None
     attempt: int
     passed: bool
+    seed: int
 
 
 @dataclass
@@ -105,6 +104,7 @@ class _RowState:
     error: str | None = None
     seconds: dict = field(default_factory=lambda: defaultdict(float))
     lora_hit: bool | None = None
+    lora: tuple[str, str] | None = None  # (uri, sha256) of the relation LoRA file loaded for the row
 
 
 class Worker:
@@ -124,7 +124,9 @@ class Worker:
         dtype = (getattr(torch, config.dtype) if config.dtype != "auto"
                  else torch.bfloat16 if device.startswith("cuda") else torch.float32)
         self.device = device
-        self.pipe = pipe if pipe is not None else load_pipeline(config.preset, device=device, dtype=dtype)
+        self.fingerprints = self._fingerprints(pipe is not None)
+        self.pipe = pipe if pipe is not None else load_pipeline(config.preset, device=device, dtype=dtype,
+                                                                local_encoder=config.local_encoder)
         self.pipe.set_progress_bar_config(disable=True)
         if config.compile_unet:
             self.pipe.unet = torch.compile(self.pipe.unet)
@@ -138,6 +140,26 @@ class Worker:
 
             self.scorer = get_metric_models(*metric_model_refs(config.preset), device=device)
 
+    def _fingerprints(self, given_pipe: bool) -> dict[str, str | None]:
+        """The weights' fingerprints (provenance of every result row); checked against the run's, if it has any."""
+        from dreamrelation.provenance import model_fingerprints
+
+        try:
+            found = model_fingerprints(self.config.preset, self.config.local_encoder, metrics=self.config.metrics)
+        except (OSError, ValueError) as exc:
+            if not given_pipe:
+                raise
+            logger.warning("no fingerprints for preset %r (%s): results carry none", self.config.preset, exc)
+            return {}
+        expected = self.config.expect_fingerprints
+        if expected:
+            changed = differences({k: v for k, v in expected.items() if k in found},
+                                  {k: v for k, v in found.items() if k in expected})
+            if changed:
+                raise RunMismatch(f"the weights of preset {self.config.preset!r} changed since the run started "
+                                  f"({'; '.join(changed)}); restore them or use a new --output")
+        return found
+
     # ---- public ---------------------------------------------------------------------------------------------
     def process(self, records: list[dict[str, Any]]) -> list[ResultRow]:
         """Rows (dicts in the manifest schema) -> one ResultRow each, in the input order."""
@@ -146,7 +168,8 @@ class Worker:
             try:
                 row = rec if isinstance(rec, GenerationRow) else GenerationRow.model_validate(rec)
             except Exception as exc:  # the driver validated already; this guards direct callers
-                states.append(_error_result(str(rec.get("row_id", "?")), f"invalid row: {exc}", rec.get("relation")))
+                states.append(_error_result(str(rec.get("row_id", "?")), f"invalid row: {exc}", rec.get("relation"),
+                                            attempt_id=self.config.attempt_id))
                 continue
             states.append(_RowState(row=row, relation_phrase=self._relation_phrase(row)))
         live = [s for s in states if isinstance(s, _RowState)]
@@ -161,7 +184,7 @@ class Worker:
         """:meth:`process`, then the batch's result rows written atomically under ``{output}/results/``."""
         results = self.process(records)
         if results:
-            write_results(results, results_uri(self.config.output, [r.row_id for r in results]))
+            write_results(results, part_uri(self.config.output, self.config.attempt_id, [r.row_id for r in results]))
         return results
 
     def stats(self) -> dict[str, Any]:
@@ -206,8 +229,9 @@ class Worker:
                 s.error = f"relation {relation!r}: could not load its LoRA: {exc}"
             return
         swap = time.perf_counter() - t
+        source = self.loras.source(relation)
         for s in group:
-            s.lora_hit = hit
+            s.lora_hit, s.lora = hit, source
             s.seconds["lora"] += swap / len(group)
         ready = []
         for s in group:
@@ -300,35 +324,43 @@ class Worker:
         for (item, image), sc in zip(fresh, scores):
             failed = self.gate.failed(sc or {}) if self.gate else []
             final = not failed or last
-            uri = (image_uri(self.config.output, s.row.row_id, item.k) if final
-                   else attempt_image_uri(self.config.output, s.row.row_id, item.k, item.attempt))
+            key = image_key(s.row.row_id, item.k, None if final else item.attempt)
             buf = io.BytesIO()
             image.save(buf, format="PNG", compress_level=1)  # level 6 costs ~0.2 s per 1024 px image
-            storage.write_bytes_atomic(uri, buf.getvalue())
+            storage.write_bytes_atomic(storage.join(self.config.output, key), buf.getvalue())
             if self.gate:
-                s.attempts.append(GateAttempt(k=item.k, attempt=item.attempt, seed=item.seed, image=uri, **(sc or {}),
+                s.attempts.append(GateAttempt(k=item.k, attempt=item.attempt, seed=item.seed, image=key, **(sc or {}),
                                               passed=not failed, failed=failed))
             if final:
-                s.final[item.k] = _Final(uri, sc, item.attempt, not failed)
+                s.final[item.k] = _Final(key, sc, item.attempt, not failed, item.seed)
             else:
                 nxt = item.attempt + 1
                 retry.append(_Item(item.k, nxt, s.row.image_seed(item.k, nxt)))
         s.seconds["write"] += time.perf_counter() - t
         return retry
 
+    def _provenance(self, s: _RowState) -> dict[str, Any]:
+        """What made this row's images: the weights' fingerprints, the relation LoRA file, the attempt."""
+        fp = self.fingerprints
+        return dict(attempt_id=self.config.attempt_id, request=s.row.model_dump_json(), model_preset=self.config.preset, model_fingerprint=fp.get("model"),
+                    adapter_fingerprint=fp.get("adapter"), local_encoder_fingerprint=fp.get("local_encoder"),
+                    lora_uri=s.lora[0] if s.lora else None, lora_sha256=s.lora[1] if s.lora else None)
+
     def _result(self, s: _RowState) -> ResultRow:
         if s.error is not None:
-            return _error_result(s.row.row_id, s.error, s.row.relation, s.seconds, s.lora_hit, s.subject_hits)
+            return _error_result(s.row.row_id, s.error, s.row.relation, s.seconds, s.lora_hit, s.subject_hits,
+                                 **self._provenance(s))
         finals = [s.final[k] for k in sorted(s.final)]
         scored = [f.scores for f in finals if f.scores is not None]
         pick = lambda name: [sc[name] for sc in scored]  # noqa: E731
         gate = None if self.gate is None else "passed" if all(f.passed for f in finals) else "failed"
         return ResultRow(
-            row_id=s.row.row_id, status="ok", error=None, images=[f.uri for f in finals], relation=s.row.relation,
+            row_id=s.row.row_id, status="ok", error=None, images=[f.key for f in finals], relation=s.row.relation,
             clip_t=pick("clip_t"), clip_r=pick("clip_r"), clip_i=pick("clip_i"), clip_i_crop=pick("clip_i_crop"),
             dino=pick("dino"), **_timings(s.seconds), lora_cache_hit=s.lora_hit, subject_cache_hits=s.subject_hits,
             attempt=1 + max((f.attempt for f in finals), default=0), gate=gate,
-            attempts=sorted(s.attempts, key=lambda a: (a.k, a.attempt)), finished_at=_now(),
+            attempts=sorted(s.attempts, key=lambda a: (a.k, a.attempt)), seeds=[f.seed for f in finals],
+            **self._provenance(s),
         )
 
 
@@ -346,12 +378,8 @@ def _timings(seconds: dict) -> dict[str, float]:
                                                                               "metrics")}
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
 def _error_result(row_id: str, error: str, relation: str | None, seconds: dict | None = None,
-                  lora_hit: bool | None = None, subject_hits: int = 0) -> ResultRow:
+                  lora_hit: bool | None = None, subject_hits: int = 0, **provenance: Any) -> ResultRow:
     return ResultRow(row_id=row_id, status="error", error=error, images=[], relation=relation, clip_t=[], clip_r=[],
                      clip_i=[], clip_i_crop=[], dino=[], **_timings(seconds or {}), lora_cache_hit=lora_hit,
-                     subject_cache_hits=subject_hits, finished_at=_now())
+                     subject_cache_hits=subject_hits, finished_at=utc_now(), **provenance)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from commands.common import fail, progress_bar
+from commands.common import fail, progress_bar, quiet_ray_logs
 
 batch_app = typer.Typer(help="Batch generation on Ray: Parquet manifests in, images and per-row metrics out.",
                         no_args_is_help=True)
@@ -18,14 +19,18 @@ batch_app = typer.Typer(help="Batch generation on Ray: Parquet manifests in, ima
 
 @batch_app.command("submit")
 def batch_submit(
-    manifest: Annotated[str, typer.Argument(help="Parquet manifest: a path or any fsspec URL (s3://, gs://, ...).")],
-    output: Annotated[str, typer.Option(help="Output root (path or URL): images/, results/, manifest.parquet, "
-                                             "rejected.parquet, run.json, report.html.")] = "outputs/batch",
+    manifest: Annotated[str, typer.Argument(help="Parquet manifest: a path or any fsspec URL (s3://, gs://, ...); a "
+                                                 "folder of Parquet files is one manifest.")],
+    output: Annotated[str, typer.Option(help="Output root of the run (path or URL): images/, results/, attempts/, "
+                                             "rejected.parquet, run.json, report.html. One run per output.")]
+    = "outputs/batch",
     preset: Annotated[str, typer.Option(help="'tiny' (built-in miniature model, noise images), 'sdxl' (public "
                                              "weights) or a model folder.")] = "tiny",
     loras: Annotated[Optional[str], typer.Option(
         help="LoRA registry root: {loras}/{relation}/pytorch_lora_weights.safetensors or {loras}/registry.json. "
              "Default: manifests/examples/loras when the manifest is the example one, else none.")] = None,
+    local_encoder: Annotated[Optional[str], typer.Option(
+        help="A distilled local image encoder checkpoint (train distill-encoder); default: the preset's.")] = None,
     actors: Annotated[int, typer.Option(help="Generation actors (one model each; one GPU each on GPUs).")] = 1,
     gpus_per_actor: Annotated[Optional[float], typer.Option(
         help="GPUs per actor (default: 1 when the cluster has GPUs, else 0).")] = None,
@@ -36,12 +41,26 @@ def batch_submit(
     max_batch_images: Annotated[int, typer.Option(help="Images denoised together in one pipeline call.")] = 4,
     address: Annotated[Optional[str], typer.Option(
         help="Ray cluster address (ray://host:10001 or auto); default: a local Ray started in-process.")] = None,
-    resume: Annotated[bool, typer.Option(help="Skip rows that already have a result under OUTPUT.")] = True,
+    resume: Annotated[bool, typer.Option(
+        help="Skip rows that already have a result in the run. --no-resume starts a new generation of results: "
+             "every row runs again; the old results stay under their attempts, out of status/report/export.")] = True,
+    retry_errors: Annotated[bool, typer.Option(
+        "--retry-errors", help="Also run again the rows whose last result is an error.")] = False,
+    new_attempt: Annotated[bool, typer.Option(
+        "--new-attempt", help="Go on with other execution settings than the run's (actors, batch size, devices, "
+                              "...: they do not change finished rows). Settings that change images always refuse.")]
+    = False,
+    lease_timeout: Annotated[float, typer.Option(
+        help="Seconds without a heartbeat after which another submission's lease on OUTPUT counts as stale.")]
+    = 300.0,
+    steal_lease: Annotated[bool, typer.Option(
+        "--steal-lease", help="Take over a stale lease (its holder stopped beating for --lease-timeout seconds).")]
+    = False,
     metrics: Annotated[bool, typer.Option(help="Score each image (CLIP-T, CLIP-R, CLIP-I, DINO).")] = True,
     lora_cache_size: Annotated[int, typer.Option(help="Relation LoRAs each actor keeps in memory.")] = 8,
     check_images: Annotated[bool, typer.Option(
-        help="Check before the run that every distinct subject image exists and is an image (one small read each; "
-             "turn off for manifests with very many distinct images: bad ones then become per-row errors).")] = True,
+        help="Check on the workers, before a row runs, that its subject images exist and are images (a few bytes "
+             "read per distinct image); off: bad ones become per-row errors.")] = True,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     min_clip_t: Annotated[Optional[float], typer.Option(
         help="Quality gate: minimum CLIP-T (x100) of an image; one under it is made again with its next seed.",
@@ -58,19 +77,20 @@ def batch_submit(
         help="Quality gate: images made at most per image (1-20; seed + k + attempt * num_images). Rejected "
              "attempts stay under images/{row_id}/attempts/.", rich_help_panel="Quality gate")] = 1,
 ) -> None:
-    """Generate every row of MANIFEST on a Ray actor pool; write images, per-row results and run.json.
+    """Generate every row of MANIFEST on a Ray actor pool into the run at OUTPUT.
 
-    Invalid rows go to OUTPUT/rejected.parquet with the field and the reason; the other rows go on.
-    Submitting again resumes: rows that already have a result are skipped. With --min-* thresholds, an image under
-    one is regenerated with the next seed until it passes or --max-attempts images were made; each result row
-    records every attempt and whether the row passed.
+    Ray Data reads and validates the manifest on the workers; invalid rows go to OUTPUT/rejected.parquet with the
+    field and the reason, the others go on. The first submission fixes the run's settings (preset, LoRAs, gate,
+    ...); submitting again resumes it: rows with a result are skipped (errors too, unless --retry-errors). Every
+    submission is an attempt recorded under OUTPUT/attempts/; run.json is the state of the whole run. One
+    submission at a time holds OUTPUT's lease. Ctrl-C stops cleanly: records written, resume by submitting again.
     """
-    from manifests.io import ManifestError
-
     for name, value in (("--actors", actors), ("--batch-size", batch_size), ("--max-batch-images", max_batch_images),
                         ("--lora-cache-size", lora_cache_size)):
         if value < 1:
             fail(f"{name} must be >= 1, got {value}")
+    if not (math.isfinite(lease_timeout) and lease_timeout > 0):
+        fail(f"--lease-timeout must be a positive number of seconds, got {lease_timeout}")
     from manifests.schema import GateSpec
 
     try:
@@ -79,41 +99,82 @@ def batch_submit(
     except ValueError as exc:
         fail(str(exc))
     logging.basicConfig(level=logging.WARNING)
-    from batch.job import JobConfig, submit
+    from batch.job import JobConfig, JobError, JobInterrupted, submit
     from batch.worker import WorkerConfig
+    from manifests.io import ManifestError
+    from manifests.run_record import RunMismatch
 
     if loras is None:
         loras = _default_loras(manifest)
     try:
         worker = WorkerConfig(output=output, preset=preset, loras=loras, device=device, metrics=metrics,
-                              max_batch_images=max_batch_images, lora_cache_size=lora_cache_size, gate=gate)
+                              max_batch_images=max_batch_images, lora_cache_size=lora_cache_size, gate=gate,
+                              local_encoder=local_encoder)
     except ValueError as exc:  # a gate without metrics
         fail(str(exc))
     config = JobConfig(manifest=manifest, output=output, worker=worker, preset=preset, loras=loras, actors=actors,
                        gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, batch_size=batch_size,
-                       address=address, resume=resume, check_images=check_images)
+                       address=address, resume=resume, retry_errors=retry_errors, new_attempt=new_attempt,
+                       check_images=check_images, lease_timeout=lease_timeout, steal_lease=steal_lease)
+    quiet_ray_logs()
     bar, progress = progress_bar("row", "generating")
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # a stop (cluster stop, kill) ends like Ctrl-C
     try:
         summary = submit(config, progress=progress)
-    except ManifestError as exc:
+    except JobInterrupted as exc:
+        bar.close()
+        attempt = exc.summary["attempt"]
+        typer.echo(_attempt_line(attempt))
+        typer.secho(f"interrupted: attempt {attempt['attempt_id']} stopped; its record and run.json are written. "
+                    f"Resume: submit the same command again.", fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(code=130)
+    except (ManifestError, FileNotFoundError, RunMismatch) as exc:
         fail(str(exc))
-    except FileNotFoundError as exc:
-        fail(str(exc))
+    except JobError as exc:
+        fail(str(exc), code=1)
+    except Exception as exc:  # noqa: BLE001 - anything else is still one line (the traceback with --debug)
+        from batch.job import one_line
+
+        fail(one_line(exc), code=1)
     finally:
         bar.close()
+        signal.signal(signal.SIGTERM, previous)
     from batch.report import render_report
 
     report = render_report(output)
-    typer.echo(f"read {summary['read']}  accepted {summary['accepted']}  rejected {summary['rejected']}  "
-               f"skipped {summary['skipped']}  ok {summary['ok']}  error {summary['error']}  "
-               f"images {summary['images']}  ({summary['images_per_second']} images/s)")
-    if summary.get("gate"):
-        g = summary["gate"]
-        typer.echo(f"gate: passed {g['passed']}  failed {g['failed']}  attempts {g['attempts']}  "
-                   f"extra images {g['extra_images']}")
-    if summary["rejected"]:
+    typer.echo(_attempt_line(summary["attempt"]))
+    typer.echo(_run_line(summary["run"]))
+    if summary["attempt"]["counts"].get("rejected"):
         typer.echo(f"rejected rows and reasons: {output.rstrip('/')}/rejected.parquet")
     typer.echo(f"report: {report}")
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _attempt_line(attempt: dict) -> str:
+    """This submission, in one line: what it read, skipped, rejected and made."""
+    c = attempt["counts"]
+    shown = lambda v: "?" if v is None else v  # noqa: E731 - not counted when the attempt was stopped
+    line = (f"attempt {attempt['attempt_id']} ({attempt['status']}): read {c['read']}  rejected {shown(c['rejected'])}"
+            f"  skipped {shown(c['skipped'])}  generated {c['processed']} rows (ok {c['ok']}, error {c['error']})  "
+            f"images {c['images']}  ({attempt['images_per_second']} images/s over {attempt['seconds']:.1f} s)")
+    gate = attempt.get("gate")
+    if gate:
+        line += (f"\ngate: passed {gate['passed']}  failed {gate['failed']}  attempts {gate['attempts']}  "
+                 f"extra images {gate['extra_images']}")
+    return line
+
+
+def _run_line(run: dict) -> str:
+    """The whole run, in one line: rows by state over every attempt so far."""
+    r = run["rows"]
+    if not r:
+        return f"run {run['output']}: counts unknown (the results could not be read back)"
+    return (f"run {run['output']}: {r['read']} rows: ok {r['ok']}  error {r['error']}  rejected {r['rejected']}  "
+            f"pending {r['pending']}; {run['images']} images over {len(run['attempts'])} attempt"
+            f"{'s' if len(run['attempts']) != 1 else ''}")
 
 
 def _default_loras(manifest: str) -> str | None:

@@ -7,20 +7,57 @@ from typing import Any, Callable, NoReturn
 import typer
 
 
+DEBUG = False  # `dreamrelation --debug ...`: tracebacks with errors, and debug logging
+
+
 def fail(message: str, code: int = 2) -> NoReturn:
-    """Print ``error: message`` on stderr and exit (2: bad input, 1: the model or environment failed)."""
+    """Print ``error: message`` on stderr and exit (2: bad input, 1: the model or environment failed). With
+    ``--debug``, the traceback of the exception being handled comes first."""
+    if DEBUG:
+        import sys
+        import traceback
+
+        if sys.exc_info()[0] is not None:
+            traceback.print_exc()
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code=code)
 
 
 def progress_bar(unit: str, desc: str) -> tuple[Any, Callable[[int, int], None]]:
-    """A tqdm bar that starts empty, and the ``progress(done, total)`` callback a job reports to; close the bar."""
+    """A tqdm bar shown from the first report on (an error before it prints no empty bar), and the
+    ``progress(done, total)`` callback a job reports to; call ``.close()`` on the first value."""
     from tqdm import tqdm
 
-    bar = tqdm(total=0, unit=unit, desc=desc)
+    class Bar:
+        bar = None
 
-    def progress(done: int, total: int) -> None:
-        bar.total, bar.n = total, done
-        bar.refresh()
+        def update(self, done: int, total: int) -> None:
+            if self.bar is None:
+                self.bar = tqdm(total=total, unit=unit, desc=desc)
+            self.bar.total, self.bar.n = total, done
+            self.bar.refresh()
 
-    return bar, progress
+        def set_description(self, text: str) -> None:
+            nonlocal desc
+            desc = text
+            if self.bar is not None:
+                self.bar.set_description(text)
+
+        def close(self) -> None:
+            if self.bar is not None:
+                self.bar.close()
+
+    bar = Bar()
+    return bar, bar.update
+
+
+def quiet_ray_logs() -> None:
+    """Ray's own INFO lines (a local cluster started, a dataset's execution plan) stay out of the CLI's output
+    (``--debug`` keeps them)."""
+    import logging
+
+    if not DEBUG:
+        import ray.data  # noqa: F401 - configures its loggers on import: set the levels after that
+
+        for name in ("ray", "ray.data"):
+            logging.getLogger(name).setLevel(logging.WARNING)

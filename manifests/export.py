@@ -1,11 +1,13 @@
 """``batch export``: a synthetic relation dataset from a batch run (Hugging Face Parquet, webdataset tars or COCO).
 
-One sample per image ``(row_id, k)`` of the rows with ``status == "ok"``: the image, prompt, seed, relation id and
-phrase, subject phrases with their layout boxes (normalized and pixel), the per-image metrics, size, row id and k.
-Filters (metric minimums, the quality gate) pick the images; every image not exported is counted under one reason.
-A dataset card (``README.md``) states the counts, relations, metric distributions, model preset, LoRA versions and
-filters. Reads and writes go through ``manifests.storage``, so both the run and the destination can be any fsspec
-URL (a local folder, ``s3://``...).
+One sample per image ``(row_id, k)`` of the rows with ``status == "ok"`` (the run's final results, read through
+``manifests.ledger``): the image, prompt, seed, relation id and phrase, subject phrases with their layout boxes
+(normalized and pixel), the per-image metrics, size, row id and k, and what made it (model / adapter / local-encoder
+fingerprints, the sha256 of the relation LoRA file), as its result recorded it. Filters (metric minimums, the quality
+gate) pick the images; every image not exported is counted under one reason. A dataset card (``README.md``) states
+the counts, relations, metric distributions, the model and LoRA versions of the exported images (from their results,
+never from the LoRA registry at export time) and filters. Reads and writes go through ``manifests.storage``, so
+both the run and the destination can be any fsspec URL (a local folder, ``s3://``...).
 
 The pieces: :mod:`manifests.export_samples` (run -> samples), :mod:`manifests.export_formats` (the writers),
 :mod:`manifests.export_card` (the card). Usage::
@@ -53,7 +55,8 @@ def export_run(output: str, format: str, to: str, filters: ExportFilter | None =
     """Export the batch run at ``output`` as a ``format`` dataset (``hf``, ``webdataset`` or ``coco``) at ``to``.
 
     Args:
-        output: the run's output root (``manifest.parquet`` or run.json's manifest, ``results/``, ``images/``).
+        output: the run's output root (``run.json``, ``results/``, ``images/``; for results of older runs, which
+            do not record their row, ``manifest.parquet`` or the manifest run.json names).
         format: one of :data:`FORMATS`.
         to: destination folder (path or URL); an earlier export there is replaced.
         filters: per-image metric minimums and ``passed_only`` (default: every image of every ok row).
@@ -65,8 +68,8 @@ def export_run(output: str, format: str, to: str, filters: ExportFilter | None =
         ``samples + sum(filtered_out) == images``), ``rows_error``, ``missing_images`` (URIs, the first 100),
         ``files`` (shards / annotations.json, then README.md), ``format``, ``to``, ``run``.
     Raises:
-        ValueError naming ``format`` / ``shard_size``; :class:`ExportError` when the run has no results, its rows
-        cannot be found, or no image is left after the filters.
+        ValueError naming ``format`` / ``shard_size``; :class:`ExportError` when the run has no results, the rows of
+        older results cannot be found, or no image is left after the filters.
     """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {list(FORMATS)}, got {format!r}")

@@ -13,7 +13,11 @@ Layouts (``{to}`` is the destination):
   (``b"huggingface"``), so ``datasets.load_dataset(to, split="train")`` decodes images as PIL images.
 - ``webdataset``: ``{to}/shard-000000.tar``...; members ``{key}.png`` and ``{key}.json`` (``Sample.labels``).
 - ``coco``: ``{to}/annotations.json`` and ``{to}/images/{key}.png``; one annotation per subject, ``bbox`` pixel
-  ``[x, y, width, height]``, category = subject phrase, the relation as annotation ``attributes``.
+  ``[x, y, width, height]``, category = subject phrase, the relation as annotation ``attributes``; each image entry
+  also holds the sample's labels (prompt, seed, metrics, gate, provenance).
+
+Every layout carries each sample's provenance labels (:data:`manifests.export_samples.LABELED_PROVENANCE`: model /
+adapter / local-encoder fingerprints and the relation LoRA's sha256), nullable strings.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from manifests import storage
-from manifests.export_samples import METRICS, Sample
+from manifests.export_samples import LABELED_PROVENANCE, METRICS, Sample
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +69,8 @@ HF_FEATURES: dict[str, dict[str, Any]] = {
     "height": _value("int32"),
     **{m: _value("float64") for m in METRICS},
     "gate": _value("string"),
+    # provenance (null: not recorded by the run, or no relation LoRA / local encoder): what made the image
+    **{p: _value("string") for p in LABELED_PROVENANCE},
 }
 _ARROW_VALUES = {"string": pa.string(), "int32": pa.int32(), "int64": pa.int64(), "float64": pa.float64()}
 IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])  # datasets.Image's storage
@@ -247,7 +253,8 @@ class CocoWriter(_Writer):
         self.images.append({"id": image_id, "file_name": f"{sample.key}.png", "width": sample.width,
                             "height": sample.height,
                             **{k: labels[k] for k in ("key", "row_id", "k", "prompt", "seed", "relation",
-                                                      "relation_phrase", "subject_phrases", *METRICS, "gate")}})
+                                                      "relation_phrase", "subject_phrases", *METRICS, "gate",
+                                                      *LABELED_PROVENANCE)}})
         self.subjects.append((image_id, sample))
         self.count += 1
 

@@ -1,20 +1,26 @@
-"""The samples of a synthetic relation dataset: a batch run's rows joined with its results, one sample per image.
+"""The samples of a synthetic relation dataset: a batch run's final results, one sample per image.
 
-A batch run folder (any fsspec URL) holds ``manifest.parquet`` (the accepted rows, written by ``batch submit``),
-``results/*.parquet`` (one ``ResultRow`` per row) and ``images/{row_id}/{k}.png``. Older runs have no
-``manifest.parquet``; their ``run.json`` names the manifest they were made from (``manifest`` key; a relative path is
-resolved against the run folder first, then taken as it was given).
+A batch run folder (any fsspec URL) holds ``run.json``, ``results/`` (read through :mod:`manifests.ledger`: the
+final ``ResultRow`` of each row) and ``images/{row_id}/{k}.png``. A result is self-contained: its ``request`` is the
+manifest row it was generated from (prompt, subjects, boxes, size) and its provenance columns say what made its
+images (model / adapter / local-encoder fingerprints, the relation LoRA file and the sha256 of its bytes). Every
+sample carries that provenance, so an export describes the weights that made the images whatever the LoRA registry
+or the model folders hold later.
+
+Results of older runs have no ``request``: their rows come from ``{output}/manifest.parquet``, else from the manifest
+run.json names (``manifest``; ``settings.manifest`` or ``configuration.manifest``; a relative path is resolved
+against the run folder first, then taken as it was given).
 
 Every image of a row with ``status == "ok"`` is a candidate sample ``(row_id, k)``. :class:`ExportFilter` keeps those
 whose per-image metrics reach the thresholds (and, with ``passed_only``, whose row passed the quality gate). Each
 candidate ends up as a sample or counted under exactly one reason (the first that applies, in this order):
-``not_in_manifest``, ``gate_failed``, ``missing_image``, then ``no_{metric}`` / ``below_min_{metric}`` in the order of
+``invalid_request`` (a recorded request that does not validate) or ``not_in_manifest`` (an older result whose row the
+manifest lacks), ``gate_failed``, ``missing_image``, then ``no_{metric}`` / ``below_min_{metric}`` in the order of
 :data:`METRICS`. So ``samples + sum(filtered_out.values()) == images``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import numbers
@@ -23,19 +29,27 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from manifests import storage
-from manifests.io import ManifestError, read_manifest_table, read_table, validate_table
+from pydantic import ValidationError
+
+from manifests import run_record, storage
+from manifests.io import ManifestError, read_manifest_table, validate_table
+from manifests.ledger import ledger_records
 from manifests.schema import GenerationRow
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "METRICS", "MANIFEST_FILE", "ExportError", "ExportFilter", "RunSamples", "Sample", "collect_samples",
-    "final_seeds", "find_manifest", "locate", "read_result_records", "read_run_json", "sample_key",
+    "LABELED_PROVENANCE", "METRICS", "MANIFEST_FILE", "PROVENANCE", "ExportError", "ExportFilter", "RunSamples",
+    "Sample", "collect_samples", "final_seeds", "find_manifest", "locate", "read_run_json", "recorded_manifest",
+    "run_setting", "sample_key",
 ]
 
 METRICS = ("clip_t", "clip_r", "clip_i", "clip_i_crop", "dino")  # ResultRow per-image lists, x100
 MANIFEST_FILE = "manifest.parquet"
+# what made a sample's image, from its result row (labels of every sample; the card's model and LoRA versions)
+PROVENANCE = ("model_preset", "model_fingerprint", "adapter_fingerprint", "local_encoder_fingerprint", "lora_uri",
+              "lora_sha256")
+LABELED_PROVENANCE = ("model_fingerprint", "adapter_fingerprint", "local_encoder_fingerprint", "lora_sha256")
 MAX_REPORTED = 100  # missing image URIs listed in a summary
 
 RelationPhraseFn = Callable[[str, list[str]], str]  # (prompt, subject phrases) -> relation words
@@ -112,6 +126,13 @@ class Sample:
     height: int
     metrics: dict[str, Optional[float]] = field(default_factory=dict)  # METRICS -> value x100 or None
     gate: Optional[str] = None
+    # provenance, from the result row (None: not recorded, a run of an older version; or no relation LoRA)
+    model_preset: Optional[str] = None
+    model_fingerprint: Optional[str] = None
+    adapter_fingerprint: Optional[str] = None
+    local_encoder_fingerprint: Optional[str] = None
+    lora_uri: Optional[str] = None  # the relation LoRA file as loaded for the row
+    lora_sha256: Optional[str] = None  # sha256 of that file's bytes, exactly as loaded
 
     @property
     def key(self) -> str:
@@ -132,6 +153,7 @@ class Sample:
             "subject_phrases": list(self.subject_phrases), "boxes": [list(b) for b in self.boxes],
             "boxes_pixel": self.pixel_boxes(), "width": self.width, "height": self.height,
             **{m: self.metrics.get(m) for m in METRICS}, "gate": self.gate,
+            **{p: getattr(self, p) for p in LABELED_PROVENANCE},
         }
 
 
@@ -140,27 +162,35 @@ class RunSamples:
     """What :func:`collect_samples` found in a run."""
 
     output: str
-    run: dict[str, Any]  # run.json ({} when absent)
-    manifest: str  # the URI the rows were read from
+    run: dict[str, Any]  # run.json as written, any version ({} when absent)
+    manifest: Optional[str]  # the manifest file read for results without a request, else the run's as recorded
     samples: list[Sample]
     rows_read: int  # result rows (one per row id)
     rows_error: int  # result rows with status "error" (they have no images)
     images: int  # images of ok rows (candidates)
     filtered_out: Counter = field(default_factory=Counter)  # reason -> images
     missing_images: list[str] = field(default_factory=list)  # URIs (the first MAX_REPORTED)
+    rows_from_manifest: int = 0  # ok rows whose result has no request (older runs): rows read from ``manifest``
 
 
 # ----------------------------------------------------------------------------------------------------- reading a run
 
 def read_run_json(output: str) -> dict[str, Any]:
-    """``{output}/run.json`` as a dict, or {} when the run has none."""
-    uri = storage.join(output, "run.json")
-    if not storage.exists(uri):
-        return {}
+    """``{output}/run.json`` as a dict, any version (``manifests.run_record.read_run_json``), or {} when the run has
+    none; :class:`ExportError` when it is not a JSON object."""
     try:
-        return json.loads(storage.read_bytes(uri))
-    except ValueError as e:
-        raise ExportError(f"{uri} is not valid JSON: {e}") from None
+        return run_record.read_run_json(output)
+    except run_record.RunFormatError as e:
+        raise ExportError(str(e)) from None
+
+
+def run_setting(run: dict[str, Any], key: str) -> Any:
+    """A setting of the run as its run.json recorded it: ``settings`` (format 2), else ``configuration`` (older
+    runs; also its ``worker`` section), else a top-level key; None when not recorded."""
+    for section in (run.get("settings"), run.get("configuration"), (run.get("configuration") or {}).get("worker")):
+        if isinstance(section, dict) and section.get(key) is not None:
+            return section[key]
+    return run.get(key)
 
 
 def locate(output: str, path: str) -> Optional[str]:
@@ -172,21 +202,29 @@ def locate(output: str, path: str) -> Optional[str]:
     return None
 
 
+def recorded_manifest(run: dict[str, Any]) -> Optional[str]:
+    """The manifest run.json names: ``manifest`` (older runs), ``settings.manifest`` (format 2) or
+    ``configuration.manifest``; None when it names none."""
+    named = run.get("manifest") or run_setting(run, "manifest")
+    return str(named) if named else None
+
+
 def find_manifest(output: str, run: dict[str, Any]) -> str:
-    """The URI of the run's rows: ``{output}/manifest.parquet``, else run.json's ``manifest`` (relative: against the
-    run folder, then as given)."""
+    """The URI of the rows of results without a ``request`` (older runs): ``{output}/manifest.parquet``, else the
+    manifest run.json names (relative: against the run folder, then as given)."""
     own = storage.join(output, MANIFEST_FILE)
     if storage.exists(own):
         return own
-    named = run.get("manifest")
+    named = recorded_manifest(run)
     if not named:
-        raise ExportError(f"run {output!r} has no {MANIFEST_FILE} and its run.json names no manifest: the rows "
-                          f"(prompts, subjects, boxes) of its results are unknown")
-    found = locate(output, str(named))
+        raise ExportError(f"run {output!r} has results without their request (a run of an older version), no "
+                          f"{MANIFEST_FILE} and a run.json that names no manifest: the rows (prompts, subjects, "
+                          f"boxes) of its results are unknown")
+    found = locate(output, named)
     if found is not None:
         return found
-    raise ExportError(f"run {output!r} has no {MANIFEST_FILE}, and the manifest its run.json names, {named!r}, "
-                      f"was not found")
+    raise ExportError(f"run {output!r} has results without their request (a run of an older version), no "
+                      f"{MANIFEST_FILE}, and the manifest its run.json names, {named!r}, was not found")
 
 
 def read_run_rows(manifest_uri: str) -> dict[str, GenerationRow]:
@@ -197,17 +235,18 @@ def read_run_rows(manifest_uri: str) -> dict[str, GenerationRow]:
     return {r.row_id: r for r in accepted}
 
 
-def read_result_records(output: str) -> list[dict[str, Any]]:
-    """Result rows of a run as dicts, one per row id (the latest ``finished_at`` wins), sorted by row id. Files are
-    read as they are, so columns newer than this reader (``gate``, ``attempts``) come through."""
-    latest: dict[str, dict[str, Any]] = {}
-    for uri in storage.list_files(storage.join(output, "results"), ".parquet"):
-        for record in read_table(uri).to_pylist():
-            rid = record.get("row_id")
-            old = latest.get(rid)
-            if old is None or str(record.get("finished_at") or "") >= str(old.get("finished_at") or ""):
-                latest[rid] = record
-    return [latest[rid] for rid in sorted(latest)]
+def request_row(result: dict[str, Any]) -> Optional[GenerationRow]:
+    """The manifest row a result was generated from (its ``request``), or None when it has none (older runs) or
+    the request does not validate (logged)."""
+    request = result.get("request")
+    if not request:
+        return None
+    try:
+        return GenerationRow.model_validate_json(request)
+    except ValidationError as e:
+        logger.warning("row %r: its recorded request does not validate (%s); it is not exported",
+                       result.get("row_id"), e.errors(include_url=False)[0]["msg"])
+        return None
 
 
 def final_seeds(result: dict[str, Any], row: GenerationRow) -> list[int]:
@@ -256,23 +295,28 @@ def _metric(result: dict[str, Any], metric: str, k: int) -> Optional[float]:
 
 def collect_samples(output: str, filters: ExportFilter | None = None,
                     relation_phrase: RelationPhraseFn | None = None) -> RunSamples:
-    """Join the run at ``output`` with its rows and keep the images that pass ``filters``, sorted by (row_id, k).
+    """The final results of the run at ``output`` (``manifests.ledger``) with their rows, keeping the images that
+    pass ``filters``, sorted by (row_id, k).
 
-    ``relation_phrase(prompt, subject_phrases)``: the phrase of rows whose manifest gives none (the worker's own
-    rule, e.g. ``dreamrelation.relation_phrase.relation_phrase``); None leaves it None. Raises :class:`ExportError`
-    when the run has no results or its rows cannot be found.
+    A result's row is its ``request``; results without one (older runs) are joined with the run's manifest
+    (:func:`find_manifest`). ``relation_phrase(prompt, subject_phrases)``: the phrase of rows that give none (the
+    worker's own rule, e.g. ``dreamrelation.relation_phrase.relation_phrase``); None leaves it None. Raises
+    :class:`ExportError` when the run has no results or the rows of results without a request cannot be found.
     """
     filters = filters or ExportFilter()
-    results = read_result_records(output)
     run = read_run_json(output)
+    results = ledger_records(output)
     if not results:
         raise ExportError(f"no results found under {storage.join(output, 'results')!r}: is {output!r} the output "
                           f"folder of a batch run?")
-    manifest = find_manifest(output, run)
-    try:
-        rows = read_run_rows(manifest)
-    except ManifestError as e:
-        raise ExportError(f"run {output!r}: cannot read its rows: {e}") from e
+    manifest_rows: Optional[dict[str, GenerationRow]] = None
+    manifest = recorded_manifest(run)
+    if any(r.get("status") == "ok" and not r.get("request") for r in results):
+        manifest = find_manifest(output, run)
+        try:
+            manifest_rows = read_run_rows(manifest)
+        except ManifestError as e:
+            raise ExportError(f"run {output!r}: cannot read its rows: {e}") from e
     exists = _image_lister(output)
     found = RunSamples(output=output, run=run, manifest=manifest, samples=[], rows_read=len(results),
                        rows_error=0, images=0)
@@ -282,13 +326,22 @@ def collect_samples(output: str, filters: ExportFilter | None = None,
             continue
         images = result.get("images") or []
         found.images += len(images)
-        row = rows.get(result["row_id"])
-        reason = ("not_in_manifest" if row is None
-                  else "gate_failed" if filters.passed_only and result.get("gate") == "failed" else None)
+        if result.get("request"):
+            row = request_row(result)
+            reason = "invalid_request" if row is None else None
+        else:
+            found.rows_from_manifest += 1
+            row = (manifest_rows or {}).get(result["row_id"])
+            reason = "not_in_manifest" if row is None else None
+        if reason is None and filters.passed_only and result.get("gate") == "failed":
+            reason = "gate_failed"
         if reason:
             found.filtered_out[reason] += len(images)
             continue
-        seeds = final_seeds(result, row)
+        assert row is not None
+        recorded = [int(v) for v in result.get("seeds") or []]
+        seeds = recorded if len(recorded) == len(images) else final_seeds(result, row)
+        provenance = {p: result.get(p) for p in PROVENANCE}
         phrases = [s.phrase for s in row.subjects]
         phrase = row.relation_phrase or (relation_phrase(row.prompt, phrases) if relation_phrase else None)
         for k, uri in enumerate(images):
@@ -307,7 +360,6 @@ def collect_samples(output: str, filters: ExportFilter | None = None,
                 row_id=row.row_id, k=k, image=uri, prompt=row.prompt, seed=seeds[k], relation=row.relation,
                 relation_phrase=phrase, subject_phrases=tuple(phrases),
                 boxes=tuple(tuple(float(v) for v in s.box) for s in row.subjects),  # type: ignore[misc]
-                width=row.width, height=row.height, metrics=metrics, gate=result.get("gate"),
+                width=row.width, height=row.height, metrics=metrics, gate=result.get("gate"), **provenance,
             ))
     return found
-

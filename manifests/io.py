@@ -18,15 +18,24 @@ import csv
 import io
 import json
 import logging
-from collections.abc import Callable, Collection, Iterable, Sequence
-from typing import Any, Optional, Union
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from manifests import storage
 from manifests.schema import GenerationRow, Rejection, ResultRow
+from manifests.validation import (  # noqa: F401 - re-exported: the validation API callers know from here
+    ImageCheck,
+    KnownRelations,
+    RowValidator,
+    check_image_file,
+    normalize_record,
+    resolve_images,
+    validate_records,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +87,15 @@ RESULT_SCHEMA = pa.schema([
     ("gate", pa.string()),  # "passed" | "failed" | null (no gate); null in results written before the gate
     ("attempts", pa.list_(GATE_ATTEMPT_TYPE)),
     ("finished_at", pa.string()),
+    ("attempt_id", pa.string()),
+    ("request", pa.string()),
+    ("seeds", pa.list_(pa.int64())),
+    ("model_preset", pa.string()),
+    ("model_fingerprint", pa.string()),
+    ("adapter_fingerprint", pa.string()),
+    ("local_encoder_fingerprint", pa.string()),
+    ("lora_uri", pa.string()),
+    ("lora_sha256", pa.string()),
 ])
 
 REJECTED_SCHEMA = pa.schema([
@@ -90,27 +108,35 @@ REJECTED_SCHEMA = pa.schema([
 
 REQUIRED_COLUMNS = ("row_id", "prompt", "subjects")
 
-ImageCheck = Callable[[str], Optional[str]]
-KnownRelations = Union[Collection[str], Callable[[str], bool]]
 
 
 class ManifestError(ValueError):
     """The manifest as a whole cannot be used (missing, unreadable, not Parquet, wrong columns)."""
 
 
+def image_key(row_id: str, k: int, attempt: int | None = None) -> str:
+    """Where a row's k-th image lives, relative to the output root: ``images/{row_id}/{k}.png`` (deterministic: a
+    rerun overwrites, never adds); a rejected quality-gate attempt: ``images/{row_id}/attempts/{k}-{attempt}.png``.
+    Result rows store these keys; ``manifests.ledger`` resolves them against wherever the run folder is now."""
+    if attempt is None:
+        return f"images/{row_id}/{k}.png"
+    return f"images/{row_id}/attempts/{k}-{attempt}.png"
+
+
 def image_uri(output_uri: str, row_id: str, k: int) -> str:
-    """Deterministic key of a row's k-th image: ``{out}/images/{row_id}/{k}.png`` (a rerun overwrites, never adds)."""
-    return storage.join(output_uri, "images", row_id, f"{k}.png")
+    """The URI of a row's k-th image under the output root ``output_uri``."""
+    return storage.join(output_uri, image_key(row_id, k))
 
 
 def attempt_image_uri(output_uri: str, row_id: str, k: int, attempt: int) -> str:
-    """Key of a rejected quality-gate attempt of image k: ``{out}/images/{row_id}/attempts/{k}-{attempt}.png``."""
-    return storage.join(output_uri, "images", row_id, "attempts", f"{k}-{attempt}.png")
+    """The URI of a rejected quality-gate attempt of image k under the output root."""
+    return storage.join(output_uri, image_key(row_id, k, attempt))
 
 
 # ----------------------------------------------------------------------------------------------------------- reading
 
-def _check_columns(names: Sequence[str], uri: str) -> None:
+def check_columns(names: Sequence[str], uri: str) -> None:
+    """``ManifestError`` naming the missing required and the unknown columns of the manifest file ``uri``."""
     missing = [c for c in REQUIRED_COLUMNS if c not in names]
     unknown = [c for c in names if c not in MANIFEST_SCHEMA.names]
     problems = []
@@ -129,7 +155,7 @@ def _read_parquet_file(fs, path: str, uri: str, check: bool) -> pa.Table:
         with fs.open(path, "rb") as f:
             parquet = pq.ParquetFile(f)
             if check:  # the footer only: fail fast before reading any data
-                _check_columns(parquet.schema_arrow.names, uri)
+                check_columns(parquet.schema_arrow.names, uri)
             return parquet.read()
     except ManifestError:
         raise
@@ -139,9 +165,9 @@ def _read_parquet_file(fs, path: str, uri: str, check: bool) -> pa.Table:
         raise ManifestError(f"manifest {uri}: not a readable Parquet file ({e})") from e
 
 
-def read_manifest_table(uri: str) -> pa.Table:
-    """The manifest at ``uri`` (a Parquet file, or a folder of ``*.parquet`` files) as an Arrow table, its columns
-    checked from the Parquet footer before the data is read. Raises ``ManifestError``."""
+def manifest_files(uri: str) -> list[str]:
+    """The Parquet files of the manifest at ``uri``: the file itself, or the ``*.parquet`` files of a folder.
+    Raises ``ManifestError`` (not found, an empty folder, a URL that cannot be opened)."""
     try:
         fs, path = storage.filesystem(uri)
         is_dir = fs.isdir(path)
@@ -152,125 +178,26 @@ def read_manifest_table(uri: str) -> pa.Table:
     except Exception as e:  # bad URL, missing filesystem driver, storage auth
         raise ManifestError(f"manifest {uri}: cannot open ({type(e).__name__}: {e})") from e
     if not is_dir:
-        return _read_parquet_file(fs, path, uri, check=True)
+        return [uri]
     files = storage.list_files(uri, ".parquet")
     if not files:
         raise ManifestError(f"manifest {uri}: a folder with no *.parquet files")
+    return files
+
+
+def read_manifest_table(uri: str) -> pa.Table:
+    """The manifest at ``uri`` (a Parquet file, or a folder of ``*.parquet`` files) as an Arrow table, its columns
+    checked from the Parquet footer before the data is read. Raises ``ManifestError``."""
     tables = []
-    for file in files:
+    for file in manifest_files(uri):
         file_fs, file_path = storage.filesystem(file)
         tables.append(_read_parquet_file(file_fs, file_path, file, check=True))
+    if len(tables) == 1:
+        return tables[0]
     try:
         return pa.concat_tables(tables, promote_options="permissive")
     except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
         raise ManifestError(f"manifest {uri}: its files have incompatible schemas ({e})") from e
-
-
-def _plain(value: Any) -> Any:
-    """Arrow / numpy values as plain Python (lists, dicts), so pydantic sees what a JSON reader would give."""
-    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
-        value = value.tolist()
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
-def normalize_record(record: Any) -> Any:
-    """A raw row as pydantic expects it: Arrow maps (lists of pairs) as dicts, numpy arrays as lists."""
-    if not isinstance(record, dict):
-        return record
-    record = {k: _plain(v) for k, v in record.items()}
-    meta = record.get("metadata")
-    if isinstance(meta, list) and all(isinstance(p, (list, tuple)) and len(p) == 2 for p in meta):
-        record["metadata"] = {k: v for k, v in meta}
-    return record
-
-
-def _resolve_images(record: Any, base_folder: str) -> Any:
-    if isinstance(record, dict) and isinstance(record.get("subjects"), list):
-        record = dict(record)
-        record["subjects"] = [
-            {**s, "image": storage.resolve(base_folder, s["image"])}
-            if isinstance(s, dict) and isinstance(s.get("image"), str) and s["image"].strip() else s
-            for s in record["subjects"]]
-    return record
-
-
-def _relation_checker(known_relations: KnownRelations | None) -> Callable[[str], bool] | None:
-    if known_relations is None or callable(known_relations):
-        return known_relations
-    known = frozenset(known_relations)
-    return known.__contains__
-
-
-def _base_folder(base_uri: str) -> str:
-    """The folder relative image paths resolve against: ``base_uri`` itself when it is a folder (a trailing '/' or
-    an existing directory, e.g. a folder manifest), else the folder holding it (a manifest file)."""
-    if base_uri.endswith("/"):
-        stripped = base_uri.rstrip("/")
-        return base_uri if stripped.endswith(":") else (stripped or "/")  # keep "memory://" whole
-    try:
-        fs, path = storage.filesystem(base_uri)
-        if fs.isdir(path):
-            return base_uri
-    except Exception:  # noqa: BLE001 - an unreachable base is treated as a file URI; reading will say more
-        pass
-    return storage.parent(base_uri)
-
-
-def validate_records(records: Iterable[Any], check_image: ImageCheck | None = None,
-                     known_relations: KnownRelations | None = None,
-                     base_uri: str | None = None) -> tuple[list[GenerationRow], list[Rejection]]:
-    """Validate raw rows (dicts). Every row ends up accepted or rejected (one ``Rejection`` per bad row).
-
-    Checks, cheapest first: duplicate ``row_id`` (each occurrence after the first is rejected, whatever the first's
-    fate), the row schema, ``known_relations`` (a set of relation ids or a predicate), then ``check_image(uri)``
-    (returns an error reason or None; called once per distinct URI). ``base_uri``: the manifest's URI (or its
-    folder); relative subject image paths are resolved against the folder (None: left as they are).
-    """
-    is_known = _relation_checker(known_relations)
-    base = _base_folder(str(base_uri)) if base_uri is not None else None
-    image_errors: dict[str, Optional[str]] = {}
-    first_seen: dict[str, int] = {}
-    accepted: list[GenerationRow] = []
-    rejected: list[Rejection] = []
-    for index, record in enumerate(records):
-        record = normalize_record(record)
-        row_id = record.get("row_id") if isinstance(record, dict) else None
-        if isinstance(row_id, str):
-            if row_id in first_seen:
-                rejected.append(Rejection.of(index, "row_id", f"duplicate row_id (first at row {first_seen[row_id]})",
-                                             row_id, row_id=row_id))
-                continue
-            first_seen[row_id] = index
-        if base is not None:
-            record = _resolve_images(record, base)
-        try:
-            row = GenerationRow.model_validate(record)
-        except ValidationError as e:
-            rejected.append(Rejection.from_error(index, e, row_id=row_id))
-            continue
-        if row.relation is not None and is_known is not None and not is_known(row.relation):
-            rejected.append(Rejection.of(index, "relation",
-                                         f"unknown relation {row.relation!r}: no LoRA in the registry",
-                                         row.relation, row_id=row.row_id))
-            continue
-        if check_image is not None:
-            bad = None
-            for k, subject in enumerate(row.subjects):
-                if subject.image not in image_errors:
-                    image_errors[subject.image] = check_image(subject.image)
-                if image_errors[subject.image]:
-                    bad = Rejection.of(index, f"subjects.{k}.image", image_errors[subject.image], subject.image,
-                                       row_id=row.row_id)
-                    break
-            if bad is not None:
-                rejected.append(bad)
-                continue
-        accepted.append(row)
-    return accepted, rejected
 
 
 def validate_table(table: pa.Table, check_image: ImageCheck | None = None,
@@ -287,25 +214,6 @@ def read_manifest(uri: str, check_image: ImageCheck | None = None,
     """Read and validate the manifest at ``uri``; relative subject image paths are resolved against its folder."""
     table = read_manifest_table(uri)
     return validate_table(table, check_image=check_image, known_relations=known_relations, base_uri=uri)
-
-
-_IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM")
-
-
-def check_image_file(uri: str) -> Optional[str]:
-    """A ``check_image`` for ``validate_table``: the file exists and starts like an image (PNG, JPEG, WebP, GIF,
-    BMP). Reads 16 bytes, so it stays cheap on object stores. Returns the reason it is not usable, or None."""
-    try:
-        fs, path = storage.filesystem(uri)
-        if not fs.isfile(path):
-            return f"subject image not found: {uri}"
-        with fs.open(path, "rb") as f:
-            head = f.read(16)
-    except Exception as e:  # noqa: BLE001 - any storage failure makes this image unusable for this row
-        return f"subject image unreadable: {uri} ({type(e).__name__}: {e})"
-    if head.startswith(_IMAGE_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
-        return None
-    return f"subject image is not an image (PNG, JPEG, WebP, GIF or BMP): {uri}"
 
 
 # ----------------------------------------------------------------------------------------------------------- writing
@@ -349,7 +257,9 @@ def read_table(uri: str) -> pa.Table:
     """One Parquet file through fsspec (no schema checks; for results and rejections)."""
     fs, path = storage.filesystem(uri)
     with fs.open(path, "rb") as f:
-        return pq.read_table(f)
+        # ParquetFile, not pq.read_table: the latter's dataset thread pool aborts some processes at exit
+        # ("terminate called without an active exception", pyarrow 26, seen here in `batch status`)
+        return pq.ParquetFile(f).read()
 
 
 def write_manifest(rows: Iterable[GenerationRow | dict], uri: str) -> pa.Table:
@@ -477,7 +387,7 @@ def manifest_from_records(path: str) -> list[dict[str, Any]]:
         reader = csv.DictReader(io.StringIO(text))
         for row in reader:
             records.append(_csv_record(row, reader.line_num, path))
-    return [_resolve_images(r, base) for r in records]
+    return [resolve_images(r, base) for r in records]
 
 
 # ---------------------------------------------------------------------------------------------------------- reports

@@ -187,8 +187,9 @@ class GenerationRow(BaseModel):
         return self.seed + k + attempt * self.num_images
 
 
-def _utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+def utc_now() -> str:
+    """Now, ISO 8601 in UTC with microseconds: strings of this form sort in time order."""
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
 
 
 def gate_option(metric: str) -> str:
@@ -295,6 +296,8 @@ class GateAttempt(BaseModel):
 class ResultRow(BaseModel):
     """What happened to one accepted row. Metric lists hold one value per (final) image (scores x100, as in the
     paper); CLIP-I and DINO are the mean over the row's subjects. A list is empty when that metric was not computed.
+    ``images`` (and ``GateAttempt.image``) are keys relative to the run's output root (``images/{row_id}/0.png``), so
+    a run folder can be moved or copied to a bucket; ``manifests.ledger`` resolves them to URIs.
 
     Under a quality gate, ``gate`` says whether every final image passed and ``attempts`` records every image made
     (sorted by ``k``, then ``attempt``); ``attempt`` is the number of attempts of the most-tried image (1 without a
@@ -322,7 +325,18 @@ class ResultRow(BaseModel):
     attempt: Int = Field(1, ge=1, le=MAX_ATTEMPTS)  # attempts of the most-tried image
     gate: Optional[Literal["passed", "failed"]] = None  # None: no gate (or the row failed)
     attempts: list[GateAttempt] = Field(default_factory=list)  # every image made under the gate
-    finished_at: str = Field(default_factory=_utc_now)  # ISO 8601, UTC
+    finished_at: str = Field(default_factory=utc_now)  # ISO 8601, UTC, microseconds
+    # the ledger: which submission made this result (``manifests.ledger``: the latest finished attempt wins)
+    attempt_id: str = ""  # "" for results written outside a run (a Worker used directly, runs of older versions)
+    request: Optional[str] = None  # the manifest row as generated (GenerationRow JSON): the ledger is self-contained
+    # provenance: what made the images, whatever the registry or the model folders hold later
+    seeds: list[int] = Field(default_factory=list)  # the seed of each final image
+    model_preset: Optional[str] = None
+    model_fingerprint: Optional[str] = None  # dreamrelation.provenance: weights and configs of the SDXL parts
+    adapter_fingerprint: Optional[str] = None
+    local_encoder_fingerprint: Optional[str] = None  # None: no local encoder checkpoint (the CLIP tower itself)
+    lora_uri: Optional[str] = None  # the relation LoRA file loaded for this row (None: no relation)
+    lora_sha256: Optional[str] = None  # sha256 of that file's bytes, exactly as loaded
 
     @model_validator(mode="before")
     @classmethod
@@ -338,7 +352,7 @@ class ResultRow(BaseModel):
         if self.attempts and self.attempt != 1 + max(a.attempt for a in self.attempts):
             raise ValueError(f"row {self.row_id!r}: attempt={self.attempt} but its attempts go up to index "
                              f"{max(a.attempt for a in self.attempts)} (attempt counts them, from 1)")
-        for name in ("clip_t", "clip_r", "clip_i", "clip_i_crop", "dino"):
+        for name in ("clip_t", "clip_r", "clip_i", "clip_i_crop", "dino", "seeds"):
             values = getattr(self, name)
             if values and len(values) != len(self.images):
                 raise ValueError(f"row {self.row_id!r}: {name} has {len(values)} values for "

@@ -58,6 +58,15 @@ def resolve(base_folder: str, path: str) -> str:
     return f"{scheme}://{joined if rest.startswith('/') else joined.lstrip('/')}"
 
 
+def absolute(uri: str) -> str:
+    """``uri`` as it means the same from any folder and any process: a local path made absolute (``~`` expanded),
+    ``file://`` and other URLs unchanged. Resolve user paths with this before they cross into Ray."""
+    uri = str(uri)
+    if "://" in uri:
+        return uri
+    return os.path.abspath(os.path.expanduser(uri))
+
+
 def is_local(uri: str) -> bool:
     return isinstance(filesystem(uri)[0], LocalFileSystem)
 

@@ -26,8 +26,8 @@ import pytest
 from conftest import invoke  # noqa: F401  (the `runner` fixture comes from conftest)
 
 from cluster import submit
-from manifests import storage
-from manifests.io import read_manifest, read_results, write_manifest
+from manifests.io import read_manifest, write_manifest
+from manifests.ledger import ledger_records
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_REL = "manifests/examples/example.parquet"  # relative: the job finds it in the project it was shipped
@@ -226,13 +226,13 @@ def test_batch_job_runs_on_the_cluster_to_completion(ray_cluster, runner, tmp_pa
     assert r.exit_code == 0, r.output
     job = r.stdout.splitlines()[0]
     assert ID_RE.match(job), r.stdout
-    assert "read 18  accepted 18  rejected 0  skipped 0  ok 18  error 0  images 24" in r.stdout  # followed logs
+    assert "read 18  rejected 0  skipped 0  generated 18 rows (ok 18, error 0)  images 24" in r.stdout  # the logs
     assert f"job {job}: SUCCEEDED" in r.stdout
 
     run = json.loads((out / "run.json").read_text())
-    assert run["ok"] == 18 and run["error"] == 0 and run["images"] == 24
-    assert run["configuration"]["address"] == "auto"  # joined the cluster it was submitted to
-    results = read_results(storage.join(str(out), "results")).to_pylist()
+    assert run["rows"] == {"read": 18, "ok": 18, "error": 0, "rejected": 0, "pending": 0} and run["images"] == 24
+    assert run["execution"]["address"] == "auto"  # joined the cluster it was submitted to
+    results = ledger_records(str(out))
     expected = sorted(row.row_id for row in read_manifest(str(ROOT / EXAMPLE_REL))[0])
     assert sorted(x["row_id"] for x in results) == expected
     assert all(x["status"] == "ok" and all(Path(u).is_file() for u in x["images"]) for x in results)
@@ -245,7 +245,7 @@ def test_batch_job_runs_on_the_cluster_to_completion(ray_cluster, runner, tmp_pa
     assert st["entrypoint"].startswith("python -m cli batch submit manifests/examples/example.parquet")
     assert st["entrypoint"].endswith("--address auto")
     r = invoke(runner, "cluster", "logs", job, "--address", ray_cluster.address)
-    assert r.exit_code == 0 and "ok 18  error 0" in r.stdout and "report: " in r.stdout
+    assert r.exit_code == 0 and "ok 18, error 0" in r.stdout and "report: " in r.stdout
 
 
 @pytest.mark.ray
@@ -296,6 +296,7 @@ def test_stop_ends_a_long_job(ray_cluster, runner, tmp_path):
     assert submit.wait(ray_cluster.address, job, timeout=60, poll=0.5) == "STOPPED"
     r = invoke(runner, "cluster", "status", job, "--address", ray_cluster.address)
     assert r.exit_code == 0 and json.loads(r.stdout)["status"] == "STOPPED"
-    assert not (tmp_path / "out" / "run.json").exists()  # it did not run to its end
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert run["status"] in ("interrupted", "running") and run["rows"].get("pending", 1) > 0  # not to its end
     r = invoke(runner, "cluster", "stop", job, "--address", ray_cluster.address)
     assert r.exit_code == 0 and "was not running (STOPPED)" in r.stdout

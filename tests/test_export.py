@@ -2,13 +2,15 @@
 (``datasets``, ``webdataset``, COCO checks), the counts match the filters, and the card states the run's facts.
 
 The run: 4 example rows at 64 px, 2 steps (7 images; one row id with dots, one row without a relation, three
-subjects in one row) plus a row whose subject image is missing (status "error"). ``manifest.parquet`` and
-``run.json`` are written as ``batch submit`` writes them.
+subjects in one row) plus a row whose subject image is missing (status "error"), written by
+``Worker.process_and_write`` (so each result carries its request and provenance), and a format-2 ``run.json``. An
+older run (results without request or provenance, a legacy ``run.json`` and ``manifest.parquet``) is made from it.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import io
 import json
 import math
@@ -16,6 +18,7 @@ import shutil
 import tarfile
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -24,13 +27,18 @@ from PIL import Image
 from conftest import invoke
 from manifests import storage
 from manifests.export import ExportError, ExportFilter, export_run, png_size, sample_key
-from manifests.export_samples import METRICS, read_result_records
-from manifests.io import read_manifest, write_manifest, write_results
-from manifests.registry import LoRARegistry
+from manifests.export_samples import LABELED_PROVENANCE, METRICS
+from manifests.io import RESULT_SCHEMA, read_manifest, write_manifest, write_results
+from manifests.ledger import ledger_records, read_ledger
+from manifests.run_record import RunRecord, write_run
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "manifests" / "examples"
 LORAS = EXAMPLES / "loras"
 SIZE = 64
+# the columns of results written before results recorded their request, seeds and provenance
+LEGACY_COLUMNS = ("row_id", "status", "error", "images", *METRICS, "relation", "seconds_load", "seconds_lora",
+                  "seconds_generate", "seconds_write", "seconds_metrics", "lora_cache_hit", "subject_cache_hits",
+                  "attempt", "gate", "attempts", "finished_at")
 
 
 # ---- the run ----------------------------------------------------------------------------------------------------
@@ -50,16 +58,38 @@ def run_rows(tmp: Path) -> list[dict]:
     ]
 
 
-def write_run_files(out: str, rows: list[dict], results, manifest_file: bool = True) -> None:
-    """``manifest.parquet`` and ``run.json`` as ``batch submit`` writes them."""
-    if manifest_file:
-        write_manifest(rows, storage.join(out, "manifest.parquet"))
+def write_run_files(out: str, rows: list[dict], results, fingerprints: dict | None = None,
+                    loras: Path | str = LORAS) -> None:
+    """``run.json`` as ``batch submit`` writes it (format 2: settings, fingerprints, whole-run counts)."""
     ok = [r for r in results if r.status == "ok"]
-    run = {"manifest": str(EXAMPLES / "example.parquet"), "output": out, "read": len(rows), "accepted": len(rows),
-           "rejected": 0, "ok": len(ok), "error": len(results) - len(ok), "images": sum(len(r.images) for r in ok),
-           "configuration": {"manifest": str(EXAMPLES / "example.parquet"), "output": out, "preset": "tiny",
-                             "loras": str(LORAS), "worker": {"output": out, "preset": "tiny", "loras": str(LORAS)}}}
-    storage.write_bytes_atomic(storage.join(out, "run.json"), json.dumps(run).encode())
+    record = RunRecord(
+        output=out, status="completed", fingerprints=fingerprints or {},
+        settings=dict(manifest=str(EXAMPLES / "example.parquet"), preset="tiny", local_encoder=None,
+                      loras=str(loras), use_local_tokens=False, dtype="auto", metrics=True, gate=None),
+        rows=dict(read=len(rows), ok=len(ok), error=len(results) - len(ok), rejected=0, pending=0),
+        images=sum(len(r.images) for r in ok))
+    write_run(out, record)
+
+
+def make_legacy(src: Path, dst: Path, rows: list[dict]) -> Path:
+    """A copy of the run as an older version wrote it: results without request, seeds or provenance and with
+    absolute image URIs, ``manifest.parquet``, and a run.json with ``configuration`` and top-level counts."""
+    shutil.copytree(src, dst)
+    records = [{c: r[c] for c in LEGACY_COLUMNS} for r in ledger_records(str(dst))]
+    for f in (dst / "results").glob("*.parquet"):
+        f.unlink()
+    schema = pa.schema([RESULT_SCHEMA.field(c) for c in LEGACY_COLUMNS])
+    pq.write_table(pa.Table.from_pylist(records, schema=schema), dst / "results" / "part-old.parquet")
+    write_manifest(rows, str(dst / "manifest.parquet"))
+    ok = [r for r in records if r["status"] == "ok"]
+    run = {"manifest": str(EXAMPLES / "example.parquet"), "output": str(dst), "read": len(rows),
+           "accepted": len(rows), "rejected": 0, "ok": len(ok), "error": len(records) - len(ok),
+           "images": sum(len(r["images"]) for r in ok),
+           "configuration": {"manifest": str(EXAMPLES / "example.parquet"), "output": str(dst), "preset": "tiny",
+                             "loras": str(LORAS), "worker": {"output": str(dst), "preset": "tiny",
+                                                             "loras": str(LORAS)}}}
+    (dst / "run.json").write_text(json.dumps(run))
+    return dst
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +107,9 @@ def run(worker, tmp_path_factory):
     rows = run_rows(tmp_path_factory.mktemp("export-inputs"))
     results = worker.process_and_write(rows)
     assert [r.status for r in results] == ["ok"] * 4 + ["error"], [r.error for r in results]
-    write_run_files(out, rows, results)
+    assert all(r.request and r.model_fingerprint for r in results)  # self-contained, with provenance
+    write_run_files(out, rows, results, worker.fingerprints)
+    assert not (Path(out) / "manifest.parquet").exists()  # batch submit no longer writes one
     return Path(out), rows, {r.row_id: r for r in results}
 
 
@@ -96,17 +128,20 @@ def threshold(results: dict, metric: str, kept: int) -> tuple[float, set[tuple[s
 
 
 def copy_run(src: Path, dst: Path, edit=None) -> Path:
-    """A copy of the run whose results point at the copy's images; ``edit(records)`` may change the results."""
+    """A copy of the run folder (image keys are relative: nothing to rewrite); ``edit(records)`` may change the
+    results (as stored: image keys, not URIs)."""
     shutil.copytree(src, dst)
-    records = [dict(r) for r in read_result_records(str(dst))]
-    for r in records:
-        r["images"] = [u.replace(str(src), str(dst)) for u in r["images"]]
     if edit:
+        records = read_ledger(str(dst)).to_pylist()
         edit(records)
-    for f in (dst / "results").iterdir():
-        f.unlink()
-    write_results(records, str(dst / "results" / "part-copy.parquet"))
+        for f in (dst / "results").glob("*.parquet"):
+            f.unlink()
+        write_results(records, str(dst / "results" / "part-copy.parquet"))
     return dst
+
+
+def uri_of(out: Path | str, key: str) -> str:
+    return storage.resolve(str(out), key)
 
 
 def read_card(folder: Path) -> tuple[dict, str]:
@@ -114,6 +149,12 @@ def read_card(folder: Path) -> tuple[dict, str]:
     assert text.startswith("---\n")
     header, body = text[4:].split("\n---\n", 1)
     return yaml.safe_load(header), body
+
+
+def card_section(body: str, title: str) -> str:
+    """The text of the card's ``## {title}`` section."""
+    sections = {part.split("\n", 1)[0]: part for part in body.split("\n## ")}
+    return sections[title]
 
 
 # ---- hf ---------------------------------------------------------------------------------------------------------
@@ -135,7 +176,7 @@ def test_hf_export_loads_with_datasets_and_the_filter_counts(run, tmp_path):
     meta = json.loads(pq.read_schema(dest / "data" / shards[0]).metadata[b"huggingface"])
     assert meta["info"]["features"]["image"] == {"_type": "Image"}
 
-    ds = datasets.load_dataset(str(dest), split="train")
+    ds = datasets.load_dataset(str(dest), split="train", cache_dir=str(tmp_path / "hf-cache"))
     assert ds.num_rows == 5
     assert isinstance(ds.features["image"], datasets.Image)
     by_row = {r["row_id"]: r for r in rows}
@@ -153,7 +194,10 @@ def test_hf_export_loads_with_datasets_and_the_filter_counts(run, tmp_path):
         for m in METRICS:
             assert x[m] == getattr(result, m)[x["k"]]
         assert x["clip_i_crop"] >= cut
-        with Image.open(result.images[x["k"]]) as im:
+        assert x["seed"] == result.seeds[x["k"]]
+        for label in LABELED_PROVENANCE:
+            assert x[label] == getattr(result, label)
+        with Image.open(uri_of(out, result.images[x["k"]])) as im:
             assert list(x["image"].convert("RGB").getdata()) == list(im.convert("RGB").getdata())
 
     header, body = read_card(dest)
@@ -166,9 +210,14 @@ def test_hf_export_loads_with_datasets_and_the_filter_counts(run, tmp_path):
     assert "| 5 | " + str(summary["rows"]) + " |" in body
     assert "**Warning**" in body and "`tiny`" in body
     assert f"`min_clip_i_crop = {cut}`" in body and f"below_min_clip_i_crop: {n_images - 5}" in body
-    registry = LoRARegistry(str(LORAS))
-    for relation in {results[rid].relation for rid, _ in keep} - {None}:
-        assert registry.fingerprint(relation) in body
+    for label in LABELED_PROVENANCE:  # nullable strings
+        assert ds.features[label] == datasets.Value("string")
+    versions = card_section(body, "Model and LoRA versions")
+    for rid in {rid for rid, _ in keep}:  # what made the images, as their results recorded it
+        result = results[rid]
+        assert f"`{result.model_fingerprint}`" in versions and f"`{result.adapter_fingerprint}`" in versions
+        if result.relation is not None:
+            assert f"`{result.lora_sha256}`" in versions and f"`{result.lora_uri}`" in versions
     values = [x["clip_i_crop"] for x in ds]
     mean = round(sum(values) / len(values), 3)
     assert f"| clip_i_crop | 5 | {mean} |" in body
@@ -203,7 +252,7 @@ def test_webdataset_tar_lists_every_sample(run, tmp_path):
     assert "webdataset" in body
     import datasets  # the card's config also lets `datasets` read the tars
 
-    assert datasets.load_dataset(str(dest), split="train").num_rows == 4
+    assert datasets.load_dataset(str(dest), split="train", cache_dir=str(tmp_path / "hf-cache")).num_rows == 4
 
 
 # ---- coco -------------------------------------------------------------------------------------------------------
@@ -255,7 +304,12 @@ def test_coco_json_validates(run, tmp_path):
         assert a["bbox"] == pytest.approx(expected, abs=2e-3)
     info = doc["info"]["dreamrelation"]
     assert info["samples"] == 6 and info["filters"] == {"min_clip_i": cut} and info["tiny_preset"] is True
-    assert info["model"]["preset"] == "tiny"
+    assert info["model"]["preset"] == "tiny" and info["model"]["presets"] == [{"preset": "tiny", "samples": 6}]
+    assert info["run"] == {"read": 5, "ok": 4, "error": 1, "rejected": 0, "pending": 0, "images": 7, "attempts": 0}
+    for im in doc["images"]:  # each image entry says what made it
+        result = results[im["row_id"]]
+        assert {label: im[label] for label in LABELED_PROVENANCE} == \
+            {label: getattr(result, label) for label in LABELED_PROVENANCE}
 
     # a second export to the same place with a stricter filter replaces the first: no stale images
     cut2, keep2 = threshold(results, "clip_i", kept=2)
@@ -266,25 +320,26 @@ def test_coco_json_validates(run, tmp_path):
 
 # ---- the gate, missing images, older runs ------------------------------------------------------------------------
 def test_passed_only_and_the_seeds_of_gate_attempts(run, tmp_path):
-    """Rows gated "failed" are dropped with --passed-only; the seed of an image is its final attempt's."""
+    """Rows gated "failed" are dropped with --passed-only; the seed of an image is the one its result recorded, or,
+    for a result that recorded none (older versions), its final attempt's."""
     import webdataset as wds
 
     out, rows, results = run
     hug = results["ex-00-hugging"]
-    final = hug.images[1]
+    assert hug.images[1] == "images/ex-00-hugging/1.png"  # a key, relative to the run folder
 
     def edit(records):
         by_id = {r["row_id"]: r for r in records}
-        by_id["ex-00-hugging"].update(gate="passed", attempt=2, attempts=[
+        by_id["ex-00-hugging"].update(gate="passed", attempt=2, seeds=[], attempts=[  # no seeds: from the attempts
             {"k": 0, "attempt": 0, "seed": 1000, "image": by_id["ex-00-hugging"]["images"][0], "passed": True},
-            {"k": 1, "attempt": 0, "seed": 1001, "image": "attempts/1-0.png", "passed": False, "failed": ["dino"]},
+            {"k": 1, "attempt": 0, "seed": 1001, "image": "images/ex-00-hugging/attempts/1-0.png", "passed": False,
+             "failed": ["dino"]},
             {"k": 1, "attempt": 1, "seed": 1003, "image": by_id["ex-00-hugging"]["images"][1], "passed": True},
         ])
         by_id["ex-10-riding"]["gate"] = "failed"
-        by_id["ex.05.shaking"]["gate"] = "passed"
+        by_id["ex.05.shaking"].update(gate="passed", seeds=[777])
 
     copy = copy_run(out, tmp_path / "gated", edit)
-    assert final.startswith(str(out))
     dest = tmp_path / "wds"
     summary = export_run(str(copy), "webdataset", str(dest), ExportFilter(passed_only=True))
     kept = {(rid, k) for rid, k in images_of(results) if rid != "ex-10-riding"}
@@ -295,40 +350,151 @@ def test_passed_only_and_the_seeds_of_gate_attempts(run, tmp_path):
         labels[(data["row_id"], data["k"])] = data
     assert set(labels) == kept
     assert [labels[("ex-00-hugging", k)]["seed"] for k in (0, 1)] == [1000, 1003]
+    assert labels[("ex.05.shaking", 0)]["seed"] == 777
     assert labels[("ex-15-none", 1)]["seed"] == next(r for r in rows if r["row_id"] == "ex-15-none")["seed"] + 1
     assert labels[("ex-00-hugging", 0)]["gate"] == "passed" and labels[("ex-15-none", 0)]["gate"] is None
     # without --passed-only every ok row is exported
     assert export_run(str(copy), "webdataset", str(tmp_path / "all"))["samples"] == 7
 
 
-def test_a_missing_image_is_reported_and_skipped(run, tmp_path):
+def test_a_copied_run_exports_its_own_images_and_a_missing_one_is_skipped(run, tmp_path):
+    """A run folder copied as it is (image keys are relative) exports the copy's images; an image missing from the
+    copy is reported and skipped. The rows come from the results' requests: the run's manifest is not needed."""
     out, rows, results = run
-    copy = copy_run(out, tmp_path / "holed")
+    copy = tmp_path / "holed"
+    shutil.copytree(out, copy)
+    run_json = json.loads((copy / "run.json").read_text())
+    run_json["settings"]["manifest"] = str(tmp_path / "gone.parquet")
+    (copy / "run.json").write_text(json.dumps(run_json))
     gone = copy / "images" / "ex-10-riding" / "1.png"
     gone.unlink()
+    Image.new("RGB", (SIZE, SIZE), (255, 0, 255)).save(copy / "images" / "ex-00-hugging" / "0.png")
     summary = export_run(str(copy), "hf", str(tmp_path / "hf"))
     assert summary["samples"] == 6 and summary["filtered_out"] == {"missing_image": 1}
     assert summary["missing_images"] == [str(gone)]
     table = pq.read_table(tmp_path / "hf" / "data" / "train-00000-of-00001.parquet").to_pylist()
     assert sorted((x["row_id"], x["k"]) for x in table) == [s for s in images_of(results) if s != ("ex-10-riding", 1)]
+    images = {(x["row_id"], x["k"]): Image.open(io.BytesIO(x["image"]["bytes"])).convert("RGB") for x in table}
+    assert set(images[("ex-00-hugging", 0)].getdata()) == {(255, 0, 255)}  # the copy's image, not the run's
+    with Image.open(out / "images" / "ex-00-hugging" / "1.png") as original:
+        assert list(images[("ex-00-hugging", 1)].getdata()) == list(original.convert("RGB").getdata())
     # without a relation_phrase function, a row whose manifest gives no phrase has none
     assert {x["relation_phrase"] for x in table if x["row_id"] == "ex-15-none"} == {None}
     assert {x["relation_phrase"] for x in table if x["row_id"] == "ex-10-riding"} == {"riding"}
+    _, body = read_card(tmp_path / "hf")
+    assert "recorded request" in body
 
 
-def test_an_older_run_reads_the_manifest_named_in_run_json(run, tmp_path):
+def test_an_older_run_reads_its_manifest(run, tmp_path):
+    """A run of an older version: results without request, seeds or provenance, a legacy run.json
+    (``configuration``, top-level counts) and ``manifest.parquet``, else the manifest run.json names."""
+    import webdataset as wds
+
     out, rows, results = run
-    copy = copy_run(out, tmp_path / "old")
-    manifest = copy / "manifest.parquet"
-    manifest.rename(copy / "rows.parquet")
-    run_json = json.loads((copy / "run.json").read_text())
-    (copy / "run.json").write_text(json.dumps({**run_json, "manifest": "rows.parquet"}))  # relative to the run
-    summary = export_run(str(copy), "coco", str(tmp_path / "coco"))
+    old = make_legacy(out, tmp_path / "old", rows)
+    assert all(not r.get("request") for r in ledger_records(str(old)))
+    summary = export_run(str(old), "webdataset", str(tmp_path / "wds"))
+    assert summary["samples"] == 7
+    by_row = {r["row_id"]: r for r in rows}
+    for item in wds.WebDataset(str(tmp_path / "wds" / "shard-000000.tar"), shardshuffle=False):
+        labels = json.loads(item["json"])
+        row = by_row[labels["row_id"]]
+        assert labels["prompt"] == row["prompt"] and labels["seed"] == row["seed"] + labels["k"]
+        assert labels["boxes"] == [s["box"] for s in row["subjects"]]
+        assert all(labels[p] is None for p in LABELED_PROVENANCE)  # not recorded by older runs
+    _, body = read_card(tmp_path / "wds")
+    assert "**Warning**" in body and f"rows from `{old / 'manifest.parquet'}`" in body
+    assert "(none recorded)" in card_section(body, "Model and LoRA versions")
+    source = card_section(body, "Source run")
+    assert "- ok: 4" in source and "- error: 1" in source and "- images: 7" in source
+
+    manifest = old / "manifest.parquet"
+    manifest.rename(old / "rows.parquet")
+    run_json = json.loads((old / "run.json").read_text())
+    (old / "run.json").write_text(json.dumps({**run_json, "manifest": "rows.parquet"}))  # relative to the run
+    summary = export_run(str(old), "coco", str(tmp_path / "coco"))
     assert summary["samples"] == 7
     check_coco(json.loads((tmp_path / "coco" / "annotations.json").read_text()), tmp_path / "coco")
-    (copy / "rows.parquet").unlink()
+    (old / "rows.parquet").unlink()
     with pytest.raises(ExportError, match="rows.parquet"):
-        export_run(str(copy), "coco", str(tmp_path / "coco2"))
+        export_run(str(old), "coco", str(tmp_path / "coco2"))
+
+
+# ---- provenance: the card and labels describe the weights that made the images ----------------------------------
+@pytest.fixture
+def registry_run(worker, run, tmp_path):
+    """A small run (two relations) with its own copy of the LoRA registry: (run folder, registry, results by row
+    id, sha256 of each relation's LoRA file when the run was made)."""
+    from batch.worker import Worker, WorkerConfig
+
+    _, rows, _ = run
+    registry = tmp_path / "loras"
+    shutil.copytree(LORAS, registry)
+    sha = {r: hashlib.sha256((registry / r / "pytorch_lora_weights.safetensors").read_bytes()).hexdigest()
+           for r in ("hugging", "shaking_hands")}
+    out = tmp_path / "run"
+    own = Worker(WorkerConfig(output=str(out), preset="tiny", loras=str(registry), device="cpu"),
+                 pipe=worker.pipe, scorer=worker.scorer)
+    picked = [{**rows[0], "num_images": 1}, rows[1]]  # hugging, shaking_hands
+    results = own.process_and_write(picked)
+    assert [r.status for r in results] == ["ok", "ok"], [r.error for r in results]
+    write_run_files(str(out), picked, results, own.fingerprints, loras=registry)
+    return out, registry, {r.row_id: r for r in results}, sha
+
+
+def export_labels(out: Path, dest: Path) -> tuple[dict, str]:
+    """Export ``out`` as webdataset to ``dest``: (labels by (row_id, k), the card's LoRA section)."""
+    import webdataset as wds
+
+    export_run(str(out), "webdataset", str(dest))
+    labels = {}
+    for item in wds.WebDataset(str(dest / "shard-000000.tar"), shardshuffle=False):
+        data = json.loads(item["json"])
+        labels[(data["row_id"], data["k"])] = data
+    _, body = read_card(dest)
+    return labels, card_section(body, "Model and LoRA versions")
+
+
+def test_a_replaced_lora_does_not_change_what_an_export_says_made_the_images(registry_run, tmp_path):
+    out, registry, results, sha = registry_run
+    assert {r.relation: r.lora_sha256 for r in results.values()} == sha
+    before_labels, before = export_labels(out, tmp_path / "before")
+
+    weights = registry / "hugging" / "pytorch_lora_weights.safetensors"
+    weights.write_bytes((registry / "riding" / "pytorch_lora_weights.safetensors").read_bytes())  # other bytes
+    replaced = hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert replaced != sha["hugging"]
+
+    labels, section = export_labels(out, tmp_path / "after")
+    assert labels == before_labels and section == before
+    assert labels[("ex-00-hugging", 0)]["lora_sha256"] == sha["hugging"] == results["ex-00-hugging"].lora_sha256
+    assert labels[("ex.05.shaking", 0)]["lora_sha256"] == sha["shaking_hands"] == \
+        results["ex.05.shaking"].lora_sha256
+    for result in results.values():  # the card: per relation, the file that made its images and their count
+        assert f"| `{result.relation}` | `{result.lora_uri}` | `{sha[result.relation]}` | 1 |" in section
+    assert replaced not in section
+
+
+def test_an_export_needs_no_lora_registry(registry_run, tmp_path):
+    out, registry, results, sha = registry_run
+    _, before = export_labels(out, tmp_path / "before")
+    shutil.rmtree(registry)
+    labels, section = export_labels(out, tmp_path / "after")
+    assert section == before
+    assert {labels[(rid, 0)]["lora_sha256"] for rid in results} == set(sha.values())
+
+
+def test_every_sample_carries_the_provenance_of_its_result(run, tmp_path):
+    out, _, results = run
+    labels, section = export_labels(out, tmp_path / "wds")
+    assert len(labels) == 7
+    for (rid, _), data in labels.items():
+        result = results[rid]
+        assert result.model_fingerprint is not None and data["model_fingerprint"] == result.model_fingerprint
+        assert {p: data[p] for p in LABELED_PROVENANCE} == {p: getattr(result, p) for p in LABELED_PROVENANCE}
+        assert (data["lora_sha256"] is None) == (result.relation is None)
+    fingerprint = results["ex-00-hugging"].model_fingerprint
+    assert f"| model | `{fingerprint}` | 7 |" in section
 
 
 def test_errors_name_the_value(run, tmp_path):
@@ -402,15 +568,16 @@ def test_export_from_and_to_s3(worker, run, s3_bucket, tmp_path):
     s3_worker = Worker(WorkerConfig(output=out, preset="tiny", loras=str(LORAS), device="cpu"),
                        pipe=worker.pipe, scorer=worker.scorer)
     results = s3_worker.process_and_write(rows[:2])
-    assert all(r.status == "ok" and r.images[0].startswith(out) for r in results)
-    write_run_files(out, rows[:2], results)
+    assert all(r.status == "ok" and r.images[0] == f"images/{r.row_id}/0.png" for r in results)
+    assert all(uri.startswith(f"{out}/images/") for r in ledger_records(out) for uri in r["images"])
+    write_run_files(out, rows[:2], results, s3_worker.fingerprints)
     dest = f"{s3_bucket}/datasets/one"
     summary = export_run(out, "hf", dest)
     assert summary["samples"] == 3 and summary["files"][-1] == f"{dest}/README.md"
     fs, path = storage.filesystem(dest)
     fs.invalidate_cache()
     fs.get(path, str(tmp_path / "local"), recursive=True)
-    ds = datasets.load_dataset(str(tmp_path / "local"), split="train")
+    ds = datasets.load_dataset(str(tmp_path / "local"), split="train", cache_dir=str(tmp_path / "hf-cache"))
     assert sorted((x["row_id"], x["k"]) for x in ds) == [("ex-00-hugging", 0), ("ex-00-hugging", 1),
                                                          ("ex.05.shaking", 0)]
     assert all(x["image"].size == (SIZE, SIZE) for x in ds)

@@ -5,7 +5,7 @@ The core runs through :class:`batch.worker.Worker` on the tiny preset (no Ray): 
 scores of attempt 0, the threshold is set between them (the median CLIP-I, so some images fall under it), and the
 gated run must regenerate exactly those images, batched across rows, record every attempt with its scheduled seed,
 keep rejected attempts under ``attempts/`` and make the same images again in a rerun. One test goes through the CLI
-on a local Ray: run.json gate counts and ``{out}/manifest.parquet``. (The tiny model's CLIP-T is 0 for every image,
+on a local Ray: the attempt record's and run.json's gate counts, and the rows the results carry. (The tiny model's CLIP-T is 0 for every image,
 so the tests gate on CLIP-I, which varies.)
 """
 
@@ -27,8 +27,7 @@ from conftest import invoke  # noqa: F401  (the `runner` fixture comes from conf
 from manifests.io import (
     MANIFEST_SCHEMA,
     RESULT_SCHEMA,
-    attempt_image_uri,
-    image_uri,
+    image_key,
     read_manifest,
     read_results,
     read_table,
@@ -194,8 +193,8 @@ def test_exactly_the_images_under_the_threshold_are_regenerated(baseline, thresh
     for r, b in zip(results, base_results):
         first = sorted((a for a in r.attempts if a.attempt == 0), key=lambda a: a.k)
         assert [a.clip_i for a in first] == b.clip_i
-        for a, uri in zip(first, b.images):
-            assert Path(a.image).read_bytes() == Path(uri).read_bytes()
+        for a, key in zip(first, b.images):
+            assert (out / a.image).read_bytes() == (base_out / key).read_bytes()
             assert a.failed == (["clip_i"] if a.clip_i < threshold else []) and a.passed == (a.clip_i >= threshold)
     # the first pass denoised 4 + 2 images; the retries of the three rows denoised together, in one call
     retry_seeds = sorted(a.seed for r in results for a in r.attempts if a.attempt == 1)
@@ -221,12 +220,11 @@ def test_every_attempt_is_recorded_with_its_scheduled_seed(threshold, gated):
             assert tries[-1].passed or len(tries) == MAX_ATTEMPTS
             # the final image is the last attempt, at {k}.png; the rejected ones stay under attempts/
             final = tries[-1]
-            assert final.image == r.images[k] == image_uri(str(out), r.row_id, k)
+            assert final.image == r.images[k] == image_key(r.row_id, k) == f"images/{r.row_id}/{k}.png"
             assert r.clip_i[k] == final.clip_i and r.dino[k] == final.dino
             for a in tries[:-1]:
-                assert a.image == attempt_image_uri(str(out), r.row_id, k, a.attempt)
-                assert a.image.endswith(f"/images/{r.row_id}/attempts/{k}-{a.attempt}.png")
-            expected_files += [relative(a.image, out / "images" / r.row_id) for a in tries]
+                assert a.image == image_key(r.row_id, k, a.attempt) == f"images/{r.row_id}/attempts/{k}-{a.attempt}.png"
+            expected_files += [relative(str(out / a.image), out / "images" / r.row_id) for a in tries]
         assert files_under(out / "images" / r.row_id) == sorted(expected_files)
         assert r.attempt == max(a.attempt for a in r.attempts) + 1
         finals_passed = [next(a for a in r.attempts if a.image == uri).passed for uri in r.images]
@@ -236,15 +234,15 @@ def test_every_attempt_is_recorded_with_its_scheduled_seed(threshold, gated):
 def test_regenerated_images_equal_a_generation_at_the_recorded_seed(baseline, gated, tmp_path):
     """A retried image is the image of its seed: the same row made alone with that seed (no gate) gives it, up to
     one pixel level (another batch composition)."""
-    worker, _, _ = baseline
-    _, results, _ = gated
+    worker, base_out, _ = baseline
+    out, results, _ = gated
     rows = {r.row_id: r for r in gate_rows()}
     retried = [(r, a) for r in results for a in r.attempts if a.attempt >= 1]
     alone = worker.process([rows[r.row_id].model_copy(update={"row_id": f"alone-{i}", "seed": a.seed,
                                                               "num_images": 1}).model_dump()
                             for i, (r, a) in enumerate(retried)])
     for (r, a), single in zip(retried, alone):
-        diff = np.abs(pixels(a.image) - pixels(single.images[0]))
+        diff = np.abs(pixels(out / a.image) - pixels(base_out / single.images[0]))
         assert diff.max() <= 1, (r.row_id, a.k, a.attempt, diff.max())
         assert single.clip_i[0] == pytest.approx(a.clip_i, abs=0.5)
 
@@ -271,15 +269,12 @@ def test_a_rerun_makes_the_same_images_and_records(threshold, gated, tmp_path):
     fresh = Worker(WorkerConfig(output=str(tmp_path), preset="tiny", device="cpu", gate=gate))
     again = fresh.process([r.model_dump() for r in gate_rows()])
 
-    def portable(result: ResultRow, root: Path) -> list[dict]:
-        return [{**a.model_dump(), "image": relative(a.image, root)} for a in result.attempts]
-
     for r, g in zip(results, again):
-        assert portable(g, tmp_path) == portable(r, out)
+        assert g.attempts == r.attempts  # image keys are relative to the output root: the records are equal
         assert (g.gate, g.attempt, g.clip_i, g.dino) == (r.gate, r.attempt, r.clip_i, r.dino)
         assert files_under(tmp_path / "images" / g.row_id) == files_under(out / "images" / r.row_id)
         for a, b in zip(r.attempts, g.attempts):
-            assert Path(a.image).read_bytes() == Path(b.image).read_bytes()
+            assert (out / a.image).read_bytes() == (tmp_path / b.image).read_bytes()
 
 
 # ---- through the CLI on a local Ray ------------------------------------------------------------------------------
@@ -299,9 +294,12 @@ def test_cli_rejects_a_bad_gate_before_anything_runs(runner, tmp_path, args, wor
 
 @pytest.mark.ray
 def test_submit_with_a_gate_on_ray(ray_local, runner, baseline, threshold, gated, tmp_path):
-    """``batch submit --min-clip-i T --max-attempts 2`` on a local Ray: run.json counts the gate's outcome from the
-    result rows, ``{out}/manifest.parquet`` holds the accepted rows (a bad row is rejected), the actor makes the
-    same attempts as the worker above (same rows, same batches), and a resubmission skips every row."""
+    """``batch submit --min-clip-i T --max-attempts 2`` on a local Ray: the attempt record and run.json count the
+    gate's outcome from the result rows, the results carry the rows they were made from (a bad row is rejected),
+    the actor makes the same attempts as the worker above (same rows, same batches), and a resubmission skips
+    every row while run.json still reports the whole run."""
+    from manifests.ledger import ledger_records
+
     rows = gate_rows()
     bad = {**rows[0].model_dump(), "row_id": "gate-bad-box"}
     bad["subjects"] = [{**bad["subjects"][0], "box": [0.7, 0.1, 0.2, 0.9]}, bad["subjects"][1]]
@@ -312,34 +310,36 @@ def test_submit_with_a_gate_on_ray(ray_local, runner, baseline, threshold, gated
                     threshold, "--max-attempts", MAX_ATTEMPTS, "--device", "cpu")
     assert result.exit_code == 0, result.output
     run = json.loads((out / "run.json").read_text())
-    results = [ResultRow.model_validate(r) for r in read_results(str(out / "results")).to_pylist()]
-    assert (run["accepted"], run["rejected"], run["ok"]) == (4, 1, 4)
-    assert run["gate"] == {
+    attempt = json.loads((out / "attempts" / "0001.json").read_text())
+    results = [ResultRow.model_validate(r) for r in ledger_records(str(out))]
+    attempts = {r.row_id: r.attempts for r in results}
+    assert run["rows"] == {"read": 5, "ok": 4, "error": 0, "rejected": 1, "pending": 0}
+    assert attempt["gate"] == {
         "thresholds": {"clip_i": threshold}, "max_attempts": MAX_ATTEMPTS,
         "passed": sum(r.gate == "passed" for r in results), "failed": sum(r.gate == "failed" for r in results),
-        "attempts": sum(len(r.attempts) for r in results),
-        "extra_images": sum(len(r.attempts) - len(r.images) for r in results),
+        "attempts": sum(len(a) for a in attempts.values()),
+        "extra_images": sum(len(attempts[r.row_id]) - len(r.images) for r in results),
     }
-    assert run["gate"]["passed"] + run["gate"]["failed"] == 4 and run["gate"]["extra_images"] == 3
-    assert run["configuration"]["worker"]["gate"] == {"thresholds": {"clip_i": threshold}, "max_attempts": 2}
-    assert f"gate: passed {run['gate']['passed']}" in result.output
-    # the accepted rows of the run, as the export and the evaluation read them
-    accepted, rejected = read_manifest(str(out / "manifest.parquet"))
-    assert not rejected and accepted == rows  # subject paths were absolute already
+    assert attempt["gate"]["passed"] + attempt["gate"]["failed"] == 4 and attempt["gate"]["extra_images"] == 3
+    assert run["gate"] == {"passed": attempt["gate"]["passed"], "failed": attempt["gate"]["failed"]}
+    assert run["settings"]["gate"] == {"thresholds": {"clip_i": threshold}, "max_attempts": 2}
+    assert f"gate: passed {attempt['gate']['passed']}" in result.output
+    # each result carries the row it was made from, as the export and the report read it
+    assert [GenerationRow.model_validate_json(r.request) for r in results] == rows  # sorted by row id, as rows
     assert read_table(str(out / "rejected.parquet")).column("row_id").to_pylist() == ["gate-bad-box"]
     # the same attempts as the worker run (the actor got the four rows in one call, as the worker did)
     by_id = {r.row_id: r for r in gated[1]}
     for r in results:
-        assert [(a.k, a.attempt, a.seed, a.passed) for a in r.attempts] == \
+        assert [(a.k, a.attempt, a.seed, a.passed) for a in attempts[r.row_id]] == \
             [(a.k, a.attempt, a.seed, a.passed) for a in by_id[r.row_id].attempts]
     # status and the report show the gate
     status = json.loads(invoke(runner, "batch", "status", out).output)
     assert (status["gate_passed"], status["gate_failed"]) == (run["gate"]["passed"], run["gate"]["failed"])
     assert "gate passed" in (out / "report.html").read_text()
-    # resume: every row has a result; nothing runs again
-    again = invoke(runner, "batch", "submit", manifest, "--output", out, "--min-clip-i", threshold,
+    # resume: every row has a result; nothing runs again, and run.json still describes the whole run
+    again = invoke(runner, "batch", "submit", manifest, "--output", out, "--actors", "1", "--min-clip-i", threshold,
                    "--max-attempts", MAX_ATTEMPTS, "--device", "cpu")
     assert again.exit_code == 0, again.output
-    run2 = json.loads((out / "run.json").read_text())
-    assert run2["skipped"] == 4 and run2["ok"] == 0
-    assert (run2["gate"]["passed"], run2["gate"]["attempts"]) == (0, 0)
+    second = json.loads((out / "attempts" / "0002.json").read_text())
+    assert (second["counts"]["skipped"], second["counts"]["processed"], second["gate"]["attempts"]) == (4, 0, 0)
+    assert json.loads((out / "run.json").read_text())["rows"] == run["rows"]

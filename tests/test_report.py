@@ -56,8 +56,11 @@ def run(tiny_dir, tmp_path_factory) -> dict:
     results = []
     for start in range(0, len(accepted), 3):  # several results files, as the actors write them
         results += worker.process_and_write([r.model_dump() for r in accepted[start:start + 3]])
-    (out / "run.json").write_text(json.dumps({"manifest": manifest, "output": str(out), "read": 6,
-                                              "accepted": 5, "rejected": 1}))
+    from manifests.run_record import RunRecord, write_run
+
+    write_run(str(out), RunRecord(output=str(out), settings={"manifest": manifest, "preset": "tiny"}, attempts=["0001"],
+                                  status="completed",
+                                  rows={"read": 6, "ok": 4, "error": 1, "rejected": 1, "pending": 0}))
     return {"out": out, "manifest": manifest, "results": results, "rows": {r.row_id: r for r in accepted}}
 
 
@@ -73,7 +76,7 @@ def test_status_counts_and_means_match_the_results(run):
         values = [v for r in ok for v in r[m]]
         assert len(values) == 6
         assert st[f"mean_{m}"] == pytest.approx(sum(values) / len(values), abs=0.006), m
-    assert st["last_run"]["read"] == 6 and st["last_run"]["rejected"] == 1
+    assert (st["read"], st["pending"], st["attempts"], st["status"]) == (6, 0, 1, "completed")
 
 
 def test_status_counts_a_row_rewritten_by_a_retry_once(run, tmp_path):
@@ -102,7 +105,7 @@ def test_report_names_every_image_prompt_metric_and_error(run):
         assert f"<i>{html.escape(row.relation or 'no LoRA')}</i>" in page
         for k, image in enumerate(result.images):
             rel = f"images/{result.row_id}/{k}.png"
-            assert image.endswith(rel)
+            assert image == rel  # result rows store keys relative to the run folder
             assert f'src="{rel}"' in page and (run["out"] / rel).is_file()
             for m in METRICS:
                 assert f'data-{m.replace("_", "")}="{getattr(result, m)[k]:.4f}"' in page
@@ -117,13 +120,21 @@ def test_report_names_every_image_prompt_metric_and_error(run):
         assert f'<option value="{m.replace("_", "")}">' in page
 
 
-def test_report_without_the_manifest_still_lists_results(run, tmp_path):
-    """The manifest moved away: the gallery keeps images and metrics (prompts are then unknown)."""
+def test_report_of_a_moved_run_without_its_manifest(run, tmp_path):
+    """The run folder copied elsewhere and the manifest gone: the gallery still shows every image (its keys are
+    relative to the run folder) with its prompt (each result carries the row it was made from)."""
     copy = tmp_path / "out"
     shutil.copytree(run["out"], copy)
-    (copy / "run.json").write_text(json.dumps({"manifest": str(tmp_path / "gone.parquet")}))
-    page = Path(render_report(str(copy))).read_text()
+    Path(run["manifest"]).rename(tmp_path / "moved.parquet")
+    try:
+        page = Path(render_report(str(copy))).read_text()
+    finally:
+        (tmp_path / "moved.parquet").rename(run["manifest"])
     assert page.count('<figure class="card"') == 6
+    for result in run["results"]:
+        if result.status == "ok":
+            assert html.escape(run["rows"][result.row_id].prompt) in page
+            assert all((copy / key).is_file() and f'src="{key}"' in page for key in result.images)
 
 
 def test_report_in_a_headless_browser(run, tmp_path):

@@ -83,8 +83,9 @@ def test_three_relations_train_in_parallel_trials_and_batch_uses_them(ray_local,
     write_manifest(picked, str(manifest))
     result = submit(JobConfig(manifest=str(manifest), output=str(tmp_path / "out"), loras=loras, actors=1,
                               batch_size=3))
-    assert (result["rejected"], result["ok"]) == (0, len(picked))
-    assert result["lora_cache_hit_rate"] is not None
+    counts = result["attempt"]["counts"]
+    assert (counts["rejected"], counts["ok"]) == (0, len(picked))
+    assert result["attempt"]["cache"]["lora_hit_rate"] is not None
 
 
 def test_one_relation_on_two_ddp_workers(ray_local, tmp_path):

@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from batch.worker import Worker, WorkerConfig, results_uri
+from batch.worker import Worker, WorkerConfig
 from conftest import make_subject
-from manifests.io import image_uri, read_manifest, read_table
+from manifests.io import image_key, read_manifest, read_table
+from manifests.ledger import part_uri
 from manifests.registry import LoRARegistry
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "manifests" / "examples"
@@ -50,6 +51,12 @@ def worker(tiny_dir, out) -> Worker:
 
 def variant(row: dict, row_id: str, **changes) -> dict:
     return {**row, "row_id": row_id, **changes}
+
+
+def files(where, result) -> list[str]:
+    """The image files of a result: its keys under the output root (a path, or a Worker whose output it is)."""
+    root = where.config.output if isinstance(where, Worker) else where
+    return [str(Path(root) / key) for key in result.images]
 
 
 def pixels(uri: str) -> np.ndarray:
@@ -87,9 +94,9 @@ def test_every_row_gets_one_result_in_input_order(example_rows, example_results)
 
 def test_images_are_pngs_of_the_rows_size_at_their_keys(example_rows, example_results, out):
     for row, result in zip(example_rows, example_results):
-        expected = [str(out / "images" / row["row_id"] / f"{k}.png") for k in range(row["num_images"])]
-        assert result.images == expected == [image_uri(str(out), row["row_id"], k) for k in range(row["num_images"])]
-        for uri in result.images:
+        expected = [f"images/{row['row_id']}/{k}.png" for k in range(row["num_images"])]
+        assert result.images == expected == [image_key(row["row_id"], k) for k in range(row["num_images"])]
+        for uri in files(out, result):
             with Image.open(uri) as im:
                 assert im.format == "PNG"
                 assert im.size == (row["width"], row["height"])
@@ -114,19 +121,51 @@ def test_metrics_have_one_value_per_image_in_range(example_rows, example_results
 def test_result_files_are_deterministic_and_never_partial(worker, example_rows, example_results, out):
     results_dir = out / "results"
     files = sorted(os.listdir(results_dir))
-    first, second = (Path(results_uri(str(out), [r["row_id"] for r in part])).name
+    first, second = (Path(part_uri(str(out), "", [r["row_id"] for r in part])).name
                      for part in (example_rows[:9], example_rows[9:]))
     assert first in files and second in files
     table = read_table(str(results_dir / first))
     assert table.column("row_id").to_pylist() == [r["row_id"] for r in example_rows[:9]]
     # the same rows again (in another order): the same file is overwritten, nothing is added
     again = worker.process_and_write(list(reversed(example_rows[:2])))
-    name = Path(results_uri(str(out), [r.row_id for r in again])).name
+    name = Path(part_uri(str(out), "", [r.row_id for r in again])).name
     worker.process_and_write(example_rows[:2])
     files_after = sorted(os.listdir(results_dir))
     assert name in files_after and files_after.count(name) == 1
     assert len(files_after) == len(set(files) | {name})
     assert tmp_files(out) == []
+
+
+def test_result_rows_carry_their_provenance(worker, example_rows, example_results, tiny_dir):
+    """Each result says what made it: the weights' fingerprints, the LoRA file and its sha256, each image's seed,
+    and the manifest row it was made from."""
+    import hashlib
+
+    from dreamrelation.provenance import model_fingerprints
+    from manifests.schema import GenerationRow
+
+    fingerprints = model_fingerprints("tiny")
+    for row, result in zip(example_rows, example_results):
+        assert result.model_preset == "tiny"
+        assert (result.model_fingerprint, result.adapter_fingerprint) == (fingerprints["model"],
+                                                                         fingerprints["adapter"])
+        assert result.local_encoder_fingerprint is None  # the tiny preset has no distilled local encoder
+        assert result.seeds == [row["seed"] + k for k in range(row["num_images"])]
+        assert GenerationRow.model_validate_json(result.request) == GenerationRow.model_validate(row)
+        if row["relation"] is None:
+            assert result.lora_uri is None and result.lora_sha256 is None
+        else:
+            lora = LORAS / row["relation"] / "pytorch_lora_weights.safetensors"
+            assert result.lora_uri == str(lora)
+            assert result.lora_sha256 == hashlib.sha256(lora.read_bytes()).hexdigest()
+
+
+def test_a_worker_refuses_weights_other_than_the_runs(tiny_dir, out):
+    from manifests.run_record import RunMismatch
+
+    with pytest.raises(RunMismatch, match="changed since the run started.*model"):
+        Worker(WorkerConfig(output=str(out), preset="tiny", device="cpu",
+                            expect_fingerprints={"model": "0000000000000000"}))
 
 
 # ---- bad rows -----------------------------------------------------------------------------------------------
@@ -172,7 +211,7 @@ def test_image_is_the_same_in_a_batch_and_alone(worker, example_rows):
     for b, a in zip(batch, alone):
         assert b.status == a.status == "ok"
         assert len(b.images) == len(a.images)
-        for ub, ua in zip(b.images, a.images):
+        for ub, ua in zip(files(worker, b), files(worker, a)):
             assert_same_image(ub, ua, exact=False)
 
 
@@ -190,12 +229,13 @@ def test_lora_cache_counters_and_images_for_a_known_order(worker, example_rows):
     assert [results[n].lora_cache_hit for n, _ in order] == [False, True, False, False, False, True]
     assert all(r.status == "ok" for r in results.values())
     # A from storage (A0, A2) and from the cache (A1): the same image; likewise C
-    assert_same_image(results["A0"].images[0], results["A1"].images[0])
-    assert_same_image(results["A0"].images[0], results["A2"].images[0])
-    assert_same_image(results["C0"].images[0], results["C1"].images[0])
+    first = {name: files(worker, r)[0] for name, r in results.items()}
+    assert_same_image(first["A0"], first["A1"])
+    assert_same_image(first["A0"], first["A2"])
+    assert_same_image(first["C0"], first["C1"])
     # and the relation matters: the same row under another LoRA is another image
     other = worker.process([variant(a, "w-lru-A-as-B", relation="shaking_hands")])[0]
-    assert Path(other.images[0]).read_bytes() != Path(results["A0"].images[0]).read_bytes()
+    assert Path(files(worker, other)[0]).read_bytes() != Path(first["A0"]).read_bytes()
 
 
 def test_subject_cache_encodes_a_recurring_image_once(worker, example_rows, tiny_dir, tmp_path):
@@ -222,8 +262,8 @@ def test_subject_cache_encodes_a_recurring_image_once(worker, example_rows, tiny
     assert fresh.stats()["subject_cache"]["misses"] == 2
     for r, g in zip(results, again):
         assert r.status == g.status == "ok"
-        assert g.images[0].startswith(str(fresh_out))
-        for ur, ug in zip(r.images, g.images):
+        assert all(Path(f).is_file() and Path(f).is_relative_to(fresh_out) for f in files(fresh, g))
+        for ur, ug in zip(files(worker, r), files(fresh, g)):
             assert_same_image(ur, ug)
 
 
