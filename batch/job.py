@@ -27,10 +27,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
-import pyarrow.parquet as pq
 
 from manifests import storage
-from manifests.io import ManifestError, check_columns, manifest_files, write_table
+from manifests.io import manifest_row_count, parquet_rows, write_table
 from manifests.lease import Lease, LeaseHeld
 from manifests.ledger import attempt_folders, compact_all, done_row_ids, ledger_counts
 from manifests.registry import LoRARegistry
@@ -55,6 +54,7 @@ from .worker import WorkerConfig
 logger = logging.getLogger(__name__)
 
 TASK_CPUS = 0.25  # the small whole-file tasks (row ids, ledger): a fraction, beside the actors
+TOTAL_WAIT_S = 5.0  # how long the driver waits for the count of rows to check before starting the pipeline
 
 
 @dataclass(frozen=True)
@@ -119,23 +119,6 @@ class JobInterrupted(RuntimeError):
     def __init__(self, summary: dict[str, Any]):
         super().__init__(f"attempt {summary['attempt']['attempt_id']} interrupted")
         self.summary = summary
-
-
-def manifest_row_count(uri: str) -> int:
-    """Rows of the manifest at ``uri``, from its Parquet footers (columns checked first); ``ManifestError``."""
-    total = 0
-    for file in manifest_files(uri):
-        fs, path = storage.filesystem(file)
-        try:
-            with fs.open(path, "rb") as f:
-                meta = pq.ParquetFile(f)
-                check_columns(meta.schema_arrow.names, file)
-                total += meta.metadata.num_rows
-        except ManifestError:
-            raise
-        except Exception as e:  # noqa: BLE001 - not Parquet, truncated, unreadable
-            raise ManifestError(f"manifest {file}: not a readable Parquet file ({type(e).__name__}: {e})") from e
-    return total
 
 
 def lora_fingerprints(loras: str | None) -> dict[str, str]:
@@ -241,7 +224,7 @@ def _close_task(output: str, attempt_id: str, index, completed: bool) -> tuple[i
     return rejected, ledger_counts(output)
 
 
-def submit(config: JobConfig, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+def submit(config: JobConfig, progress: Callable[[int, int | None], None] | None = None) -> dict[str, Any]:
     """Run one attempt of the run at ``config.output``; returns ``{"attempt": ..., "run": ...}`` (the attempt record
     and run.json as written). Raises ManifestError (bad manifest file), RunMismatch (settings), JobError (lease,
     storage, cluster, actors), JobInterrupted (Ctrl-C / SIGTERM, after writing the records)."""
@@ -255,9 +238,7 @@ def submit(config: JobConfig, progress: Callable[[int, int], None] | None = None
         raise JobError(str(e)) from None
     except Exception as e:  # noqa: BLE001 - storage down, no permission, a file where a folder should be
         raise JobError(f"cannot write to output {out}: {one_line(e)}") from e
-    if stolen is not None:
-        logger.warning("took over the lease of %s from %s (pid %s on %s, stale for %.0f s)", out, stolen.owner,
-                       stolen.pid, stolen.host, stolen.age_seconds())
+    del stolen  # the lease logs a take-over itself
     try:
         try:
             run = _check_run(config, read_run(out), lora_fingerprints(config.loras))
@@ -276,13 +257,13 @@ def submit(config: JobConfig, progress: Callable[[int, int], None] | None = None
         run.attempts.append(attempt.attempt_id)
         write_attempt(out, attempt)
         write_run(out, run)
-        return _attempt(config, run, attempt, read, earlier, progress)
+        return _attempt(config, run, attempt, read, earlier, lease, progress)
     finally:
         lease.release()
 
 
-def _attempt(config: JobConfig, run: RunRecord, attempt: AttemptRecord, read: int, earlier: list[str],
-             progress: Callable[[int, int], None] | None) -> dict[str, Any]:
+def _attempt(config: JobConfig, run: RunRecord, attempt: AttemptRecord, read: int, earlier: list[str], lease: Lease,
+             progress: Callable[[int, int | None], None] | None) -> dict[str, Any]:
     import ray
 
     out = config.output
@@ -295,9 +276,11 @@ def _attempt(config: JobConfig, run: RunRecord, attempt: AttemptRecord, read: in
         started_ray = _init_ray(config.address)
         _, duplicates_ref, index_ref = _remote(_index_task, config.manifest, num_returns=3)
         done_ref = _remote(_ledger_task, out, earlier, config.resume, config.retry_errors)
-        to_check = ray.get(_remote(_to_check_task, index_ref, done_ref))
-        if progress:
-            progress(0, to_check)
+        to_check_ref = _remote(_to_check_task, index_ref, done_ref)
+        # nothing to do (a finished run resubmitted): known within seconds, and then no actor loads a model;
+        # otherwise the pipeline starts at once (actors load their models meanwhile) and the total comes later
+        ready, _ = ray.wait([to_check_ref], timeout=TOTAL_WAIT_S)
+        to_check: int | None = ray.get(to_check_ref) if ready else None
         has_gpu = ray.cluster_resources().get("GPU", 0) > 0
         gpus = config.gpus_per_actor if config.gpus_per_actor is not None else (1.0 if has_gpu else 0.0)
         cpus = config.cpus_per_actor if config.cpus_per_actor is not None else (1.0 if gpus else 0.5)
@@ -309,12 +292,17 @@ def _attempt(config: JobConfig, run: RunRecord, attempt: AttemptRecord, read: in
         done = 0
 
         def step(rows: int) -> None:
-            nonlocal done
+            nonlocal done, to_check
+            if lease.lost:  # another submission took the output over (--steal-lease): stop writing into it
+                raise JobError(f"lost the lease of {out} to another submission; stopping")
             done += rows
+            if to_check is None and ray.wait([to_check_ref], timeout=0)[0]:
+                to_check = ray.get(to_check_ref)
             if progress:
                 progress(done, to_check)
 
-        if to_check:  # else every row is done: no actor needs to load a model
+        step(0)
+        if to_check != 0:
             pipeline.run_pipeline(
                 config.manifest, out, attempt.attempt_id, worker.to_dict(), loras=config.loras,
                 check_images=config.check_images, duplicates_ref=duplicates_ref, done_ref=done_ref,
@@ -327,7 +315,8 @@ def _attempt(config: JobConfig, run: RunRecord, attempt: AttemptRecord, read: in
     except Exception as e:  # noqa: BLE001 - recorded, then raised as one line
         status, reason, error = "failed", one_line(e), e
     try:
-        summary = _close(config, run, attempt, read, tally, index_ref, status, reason, time.perf_counter() - t0)
+        summary = _close(config, run, attempt, read, tally, index_ref, status, reason, time.perf_counter() - t0,
+                         write_run_json=not lease.lost)
     finally:
         if started_ray:
             ray.shutdown()
@@ -341,8 +330,9 @@ def _attempt(config: JobConfig, run: RunRecord, attempt: AttemptRecord, read: in
 
 
 def _close(config: JobConfig, run: RunRecord, attempt: AttemptRecord, read: int, tally: pipeline.Tally, index_ref,
-           status: str, reason: str | None, seconds: float) -> dict[str, Any]:
-    """Write the attempt record and run.json (best effort when the store itself failed: logged, not raised)."""
+           status: str, reason: str | None, seconds: float, write_run_json: bool = True) -> dict[str, Any]:
+    """Write the attempt record and run.json (best effort when the store itself failed: logged, not raised; not
+    run.json when the lease was lost: the run belongs to its new holder)."""
     out = config.output
     rejected, totals = None, None
     try:
@@ -373,7 +363,7 @@ def _close(config: JobConfig, run: RunRecord, attempt: AttemptRecord, read: int,
     for stage, value in attempt.seconds_per_stage.items():
         run.seconds_per_stage[stage] = round(run.seconds_per_stage.get(stage, 0.0) + value, 3)
     if totals is not None:
-        rejected_now = _rejected_count(out)
+        rejected_now = parquet_rows(storage.join(out, pipeline.REJECTED_FILE))
         run.rows = dict(read=read, ok=totals["ok"], error=totals["error"], rejected=rejected_now,
                         pending=max(0, read - totals["ok"] - totals["error"] - rejected_now))
         run.images = totals["images"]
@@ -383,17 +373,8 @@ def _close(config: JobConfig, run: RunRecord, attempt: AttemptRecord, read: int,
     run.last_attempt = dict(attempt_id=attempt.attempt_id, status=status, exit_reason=reason, counts=attempt.counts)
     try:
         write_attempt(out, attempt)
-        write_run(out, run)
+        if write_run_json:
+            write_run(out, run)
     except Exception as e:  # noqa: BLE001 - the store is down: say so, the caller still reports the failure
         logger.error("could not write the attempt record or run.json under %s: %s", out, one_line(e))
     return {"attempt": attempt.model_dump(), "run": run.model_dump()}
-
-
-def _rejected_count(output: str) -> int:
-    uri = storage.join(output, pipeline.REJECTED_FILE)
-    if not storage.exists(uri):
-        return 0
-    fs, path = storage.filesystem(uri)
-    with fs.open(path, "rb") as f:
-        return pq.ParquetFile(f).metadata.num_rows
-

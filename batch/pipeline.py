@@ -136,15 +136,8 @@ class BatchValidator:
         self.output, self.attempt_id = output, attempt_id
         self.duplicates = duplicates
         self.done = frozenset(done.to_pylist()) if done is not None else frozenset()
-        registry = LoRARegistry(loras)
-        known: dict[str, bool] = {}  # one registry lookup per relation per worker
-
-        def has(relation: str) -> bool:
-            if relation not in known:
-                known[relation] = registry.has(relation)
-            return known[relation]
-
-        self.validator = RowValidator(check_image_file if check_images else None, has, base_uri=manifest)
+        self.validator = RowValidator(check_image_file if check_images else None, LoRARegistry(loras).has,
+                                      base_uri=manifest)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         hashes = batch[ROW_HASH].to_numpy()

@@ -3,25 +3,24 @@
 from __future__ import annotations
 
 import html
-from collections import Counter
 from typing import Any
 
+import pyarrow.compute as pc
+
 from manifests import storage
-from manifests.io import read_manifest_table, read_table, validate_table
-from manifests.ledger import ledger_records
+from manifests.io import parquet_rows, read_manifest_table, validate_table
+from manifests.ledger import ledger_records, read_ledger
 from manifests.run_record import read_run_json
 from manifests.schema import GenerationRow
 
 METRICS = ("clip_t", "clip_r", "clip_i", "clip_i_crop", "dino")
+REPORT_ROWS = 2000  # rows shown in report.html: a gallery, not a dump of a million-row run
 
 
-def _mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
-
-
-def load_run(output: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """(run.json or {}, the ledger: the final result of each row, image URIs resolved under ``output``)."""
-    return read_run_json(output), ledger_records(output)
+def load_run(output: str, limit: int | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(run.json or {}, the ledger: the final result of each row (the first ``limit`` by row id), image URIs
+    resolved under ``output``)."""
+    return read_run_json(output), ledger_records(output, limit=limit)
 
 
 def run_rows(output: str, run: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, GenerationRow]:
@@ -42,26 +41,29 @@ def run_rows(output: str, run: dict[str, Any], results: list[dict[str, Any]]) ->
 
 
 def status(output: str) -> dict[str, Any]:
-    """A run folder in numbers: the run's rows by state (run.json, whole run), the ledger's counts and mean
-    metrics, and the latest attempt."""
-    run, results = load_run(output)
-    if not run and not results:
+    """A run folder in numbers: the ledger's counts and mean metrics (computed in Arrow, whatever the run's size),
+    the run's rows by state (run.json, whole run), and the latest attempt."""
+    run = read_run_json(output)
+    table = read_ledger(output, ("images", "gate", "attempts", *METRICS))
+    if not run and not table.num_rows:
         raise FileNotFoundError(f"no run found at {output!r} (no run.json, no results/)")
-    counts = Counter(r["status"] for r in results)
-    rejected_uri = storage.join(output, "rejected.parquet")
-    rejected = read_table(rejected_uri).num_rows if storage.exists(rejected_uri) else 0
-    out = dict(output=output, rows_with_results=len(results), ok=counts.get("ok", 0), error=counts.get("error", 0),
-               images=sum(len(r["images"]) for r in results), rejected=rejected)
+    ok = pc.equal(table["status"], "ok")
+    n_ok = int(pc.sum(ok).as_py() or 0)
+    rejected = parquet_rows(storage.join(output, "rejected.parquet"))
+    out = dict(output=output, rows_with_results=table.num_rows, ok=n_ok, error=table.num_rows - n_ok,
+               images=int(pc.sum(pc.list_value_length(table["images"])).as_py() or 0), rejected=rejected)
     rows = run.get("rows") or {}
     if rows.get("read") is not None:
         out["read"] = rows["read"]
         out["pending"] = max(0, rows["read"] - out["ok"] - out["error"] - rejected)
-    gates = Counter(r.get("gate") for r in results if r.get("gate"))
-    if gates:  # rows judged by a quality gate; attempts: every image made under it
-        out.update(gate_passed=gates.get("passed", 0), gate_failed=gates.get("failed", 0),
-                   gate_attempts=sum(len(r.get("attempts") or []) for r in results if r.get("gate")))
+    gated = pc.is_valid(table["gate"])
+    if pc.any(gated).as_py():  # rows judged by a quality gate; attempts: every image made under it
+        out.update(gate_passed=int(pc.sum(pc.equal(table["gate"], "passed")).as_py() or 0),
+                   gate_failed=int(pc.sum(pc.equal(table["gate"], "failed")).as_py() or 0),
+                   gate_attempts=int(pc.sum(pc.list_value_length(table.filter(gated)["attempts"])).as_py() or 0))
     for m in METRICS:
-        mean = _mean([v for r in results for v in (r.get(m) or [])])
+        values = pc.list_flatten(table[m])
+        mean = pc.mean(values).as_py() if len(values) else None
         out[f"mean_{m}"] = round(mean, 2) if mean is not None else None
     if run.get("attempts"):
         out["attempts"] = len(run["attempts"])
@@ -77,9 +79,11 @@ def _fmt(v: float | None) -> str:
 def render_report(output: str) -> str:
     """Write ``{output}/report.html`` (one card per image: prompt, relation, subjects, metrics; sortable) and
     return its URI."""
-    run, results = load_run(output)
+    run, results = load_run(output, limit=REPORT_ROWS)
     manifest_rows = run_rows(output, run, results)
     st = status(output)
+    shown = (f"<p>Showing the first {len(results):,} rows by row id of {st['rows_with_results']:,} "
+             f"(<code>batch export</code> writes them all).</p>" if st["rows_with_results"] > len(results) else "")
     cards = []
     for r in sorted(results, key=lambda r: r["row_id"]):
         row = manifest_rows.get(r["row_id"])
@@ -124,7 +128,7 @@ image-rendering:pixelated}} table{{border-collapse:collapse}} td,th{{border:1px 
 text-align:left}}</style></head><body>
 <h1>Run {html.escape(output)}</h1>{banner}<table>{summary_rows}</table>
 <h2>Errors ({len(errors)})</h2><table><tr><th>row_id</th><th>reason</th></tr>{error_rows}</table>
-<h2>Images ({len(cards)})</h2>
+<h2>Images ({len(cards)})</h2>{shown}
 <label>sort by <select id="key"><option value="row">row id</option>{options}</select></label>
 <label><input type="checkbox" checked onchange="document.body.classList.toggle('nobox', !this.checked)">
 layout boxes</label>

@@ -25,13 +25,14 @@ def fail(message: str, code: int = 2) -> NoReturn:
 
 def progress_bar(unit: str, desc: str) -> tuple[Any, Callable[[int, int], None]]:
     """A tqdm bar shown from the first report on (an error before it prints no empty bar), and the
-    ``progress(done, total)`` callback a job reports to; call ``.close()`` on the first value."""
+    ``progress(done, total)`` callback a job reports to (``total`` None: not known yet); call ``.close()`` on the
+    first value."""
     from tqdm import tqdm
 
     class Bar:
         bar = None
 
-        def update(self, done: int, total: int) -> None:
+        def update(self, done: int, total: int | None) -> None:
             if self.bar is None:
                 self.bar = tqdm(total=total, unit=unit, desc=desc)
             self.bar.total, self.bar.n = total, done
@@ -57,7 +58,11 @@ def quiet_ray_logs() -> None:
     import logging
 
     if not DEBUG:
+        import os
+
         import ray.data  # noqa: F401 - configures its loggers on import: set the levels after that
 
-        for name in ("ray", "ray.data"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger("ray").setLevel(logging.WARNING)
+        logging.getLogger("ray.data").setLevel(logging.ERROR)  # "progress bars disabled" (we show our own)
+        # the driver's core worker logs a line about actor constructor arguments for every Ray Data actor pool
+        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")

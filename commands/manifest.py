@@ -20,19 +20,26 @@ def manifest_validate(
                                                       "reported.")] = None,
     check_images: Annotated[bool, typer.Option(help="Check that subject images exist and are images.")] = True,
 ) -> None:
-    """Print a per-row report (OK or the field and reason); exit 1 when any row is rejected."""
-    from manifests.io import ManifestError, check_image_file, manifest_report, read_manifest_table, validate_table
+    """Print a per-row report (OK or the field and reason); exit 1 when any row is rejected.
+
+    Streams: memory holds the row_id column and one batch of rows, whatever the manifest's size."""
+    from manifests.io import ManifestError, ReportTotals, iter_validated, manifest_row_count, report_line
     from manifests.registry import LoRARegistry
+    from manifests.validation import check_image_file
 
     try:
-        table = read_manifest_table(uri)
+        total = manifest_row_count(uri)
+        registry = LoRARegistry(loras) if loras else None
+        width = len(str(max(total - 1, 0)))
+        totals = ReportTotals()
+        for index, item in iter_validated(uri, check_image=check_image_file if check_images else None,
+                                          known_relations=registry.has if registry else None):
+            totals.add(item)
+            typer.echo(report_line(index, item, width))
     except ManifestError as exc:
         fail(str(exc))
-    registry = LoRARegistry(loras) if loras else None
-    rows, rejected = validate_table(table, check_image=check_image_file if check_images else None,
-                                    known_relations=registry.has if registry else None, base_uri=uri)
-    typer.echo(manifest_report(rows, rejected))
-    if rejected:
+    typer.echo(totals.line())
+    if totals.rejected:
         raise typer.Exit(code=1)
 
 

@@ -18,7 +18,7 @@ import csv
 import io
 import json
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import pyarrow as pa
@@ -262,6 +262,15 @@ def read_table(uri: str) -> pa.Table:
         return pq.ParquetFile(f).read()
 
 
+def parquet_rows(uri: str) -> int:
+    """Rows of the Parquet file at ``uri`` from its footer (0 when there is no such file)."""
+    if not storage.exists(uri):
+        return 0
+    fs, path = storage.filesystem(uri)
+    with fs.open(path, "rb") as f:
+        return pq.ParquetFile(f).metadata.num_rows
+
+
 def write_manifest(rows: Iterable[GenerationRow | dict], uri: str) -> pa.Table:
     """Validate ``rows`` and write them as a Parquet manifest at ``uri`` (atomic). Returns the table written."""
     table = rows_to_table(rows)
@@ -392,22 +401,105 @@ def manifest_from_records(path: str) -> list[dict[str, Any]]:
 
 # ---------------------------------------------------------------------------------------------------------- reports
 
+def report_line(index: int, item: GenerationRow | Rejection, width: int = 0) -> str:
+    """One row of the ``manifest validate`` report: OK and what it makes, or REJECTED with the field and reason."""
+    if isinstance(item, Rejection):
+        return f"row {index:>{width}}  {item.row_id or '-'}  REJECTED {item.field}: {item.reason} (value: {item.value})"
+    return (f"row {index:>{width}}  {item.row_id}  OK  relation={item.relation or '-'} subjects={len(item.subjects)} "
+            f"images={item.num_images} {item.width}x{item.height}")
+
+
+class ReportTotals:
+    """The closing line of a validation report, accumulated row by row."""
+
+    def __init__(self) -> None:
+        self.accepted = self.rejected = self.images = 0
+        self.relations: set[str] = set()
+
+    def add(self, item: GenerationRow | Rejection) -> None:
+        if isinstance(item, Rejection):
+            self.rejected += 1
+            return
+        self.accepted += 1
+        self.images += item.num_images
+        self.relations.add(item.relation or "-")
+
+    def line(self) -> str:
+        return (f"{self.accepted + self.rejected} rows: {self.accepted} accepted, {self.rejected} rejected; "
+                f"{self.images} images to generate; relations: {', '.join(sorted(self.relations)) or '-'}")
+
+
 def manifest_report(rows: Sequence[GenerationRow], rejections: Sequence[Rejection]) -> str:
     """A per-row report (manifest order; accepted rows fill the indices not rejected) and the counts."""
     by_index = {r.index: r for r in rejections}
     total = len(rows) + len(rejections)
     accepted = iter(rows)
     width = len(str(max(total - 1, 0)))
+    totals = ReportTotals()
     lines = []
     for index in range(total):
-        if index in by_index:
-            r = by_index[index]
-            lines.append(f"row {index:>{width}}  {r.row_id or '-'}  REJECTED {r.field}: {r.reason} (value: {r.value})")
-        else:
-            row = next(accepted)
-            lines.append(f"row {index:>{width}}  {row.row_id}  OK  relation={row.relation or '-'} "
-                         f"subjects={len(row.subjects)} images={row.num_images} {row.width}x{row.height}")
-    relations = sorted({row.relation or "-" for row in rows})
-    lines.append(f"{total} rows: {len(rows)} accepted, {len(rejections)} rejected; "
-                 f"{sum(r.num_images for r in rows)} images to generate; relations: {', '.join(relations) or '-'}")
+        item = by_index[index] if index in by_index else next(accepted)
+        totals.add(item)
+        lines.append(report_line(index, item, width))
+    lines.append(totals.line())
     return "\n".join(lines)
+
+
+def manifest_row_count(uri: str) -> int:
+    """Rows of the manifest at ``uri``, from its Parquet footers (their columns checked first); ManifestError."""
+    total = 0
+    for file in manifest_files(uri):
+        fs, path = storage.filesystem(file)
+        try:
+            with fs.open(path, "rb") as f:
+                parquet = pq.ParquetFile(f)
+                check_columns(parquet.schema_arrow.names, file)
+                total += parquet.metadata.num_rows
+        except ManifestError:
+            raise
+        except Exception as e:  # noqa: BLE001 - not Parquet, truncated, unreadable
+            raise ManifestError(f"manifest {file}: not a readable Parquet file ({type(e).__name__}: {e})") from e
+    return total
+
+
+def _iter_record_batches(uri: str, columns: list[str] | None = None, batch_rows: int = 4096):
+    for file in manifest_files(uri):
+        fs, path = storage.filesystem(file)
+        with fs.open(path, "rb") as f:
+            parquet = pq.ParquetFile(f)
+            for batch in parquet.iter_batches(batch_size=batch_rows, columns=columns):
+                yield batch
+
+
+def iter_validated(uri: str, check_image: ImageCheck | None = None, known_relations: KnownRelations | None = None,
+                   batch_rows: int = 4096) -> Iterator[tuple[int, GenerationRow | Rejection]]:
+    """Validate the manifest at ``uri`` streaming, in manifest order: ``(row number, row or rejection)``. Memory
+    holds the ``row_id`` column (for duplicates) and one batch, whatever the manifest's size."""
+    import pyarrow.compute as pc
+
+    from manifests.validation import duplicate_rejection
+
+    manifest_row_count(uri)  # every file's columns, before any data is read
+    ids = pa.chunked_array([b.column(0).cast(pa.string()) for b in _iter_record_batches(uri, ["row_id"])],
+                           type=pa.string())
+    counts = pc.value_counts(ids.drop_null()) if len(ids) else None
+    first: dict[str, int] = {}
+    if counts is not None:
+        repeated = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
+        if len(repeated):
+            for pos in pc.indices_nonzero(pc.is_in(ids, value_set=repeated)).to_pylist():
+                first.setdefault(ids[pos].as_py(), pos)
+    del ids
+    validator = RowValidator(check_image, known_relations, base_uri=uri)
+    index = 0
+    for batch in _iter_record_batches(uri, batch_rows=batch_rows):
+        todo, out = [], {}
+        for record in batch.to_pylist():
+            row_id = record.get("row_id")
+            if isinstance(row_id, str) and row_id in first and first[row_id] != index:
+                out[index] = duplicate_rejection(index, row_id, first[row_id])
+            else:
+                todo.append((index, record))
+            index += 1
+        out.update((i, r) for (i, _), r in zip(todo, validator.check(todo)))
+        yield from sorted(out.items())

@@ -135,10 +135,28 @@ def resolve(output: str, key: str | None) -> str | None:
     return storage.resolve(output, key) if key else key
 
 
-def ledger_records(output: str, generation: int | None = None) -> list[dict[str, Any]]:
+def _first_finals(output: str, limit: int, generation: int | None) -> pa.Table:
+    """The whole final rows of the first ``limit`` row ids: the keys of every result first (a small projection),
+    then each file's rows of the chosen (row id, attempt, finished_at) only, so memory holds one file at a time."""
+    keys = read_ledger(output, (), generation).slice(0, limit)
+    chosen = set(zip(keys["row_id"].to_pylist(), keys["attempt_id"].to_pylist(), keys["finished_at"].to_pylist()))
+    ids = keys["row_id"]
+    parts = []
+    for uri in result_files(output, generation):
+        table = _read(uri, None)
+        table = table.filter(pc.is_in(table["row_id"], value_set=ids))
+        keep = [(r, a or "", f) in chosen for r, a, f in zip(table["row_id"].to_pylist(),
+                                                            table["attempt_id"].to_pylist(),
+                                                            table["finished_at"].to_pylist())]
+        parts.append(table.filter(pa.array(keep, pa.bool_())))
+    return final_results(pa.concat_tables(parts)) if parts else RESULT_SCHEMA.empty_table()
+
+
+def ledger_records(output: str, generation: int | None = None, limit: int | None = None) -> list[dict[str, Any]]:
     """:func:`read_ledger` as dicts, image keys resolved to URIs under ``output``: what status, report, export and
-    evaluation read."""
-    records = read_ledger(output, generation=generation).to_pylist()
+    evaluation read. ``limit``: only the first rows by row id (a report of a million-row run stays small)."""
+    table = read_ledger(output, generation=generation) if limit is None else _first_finals(output, limit, generation)
+    records = table.to_pylist()
     for r in records:
         r["images"] = [resolve(output, k) for k in r.get("images") or []]
         for a in r.get("attempts") or []:
@@ -166,7 +184,7 @@ def done_row_ids(output: str, retry_errors: bool = False, generation: int | None
     return table["row_id"].combine_chunks()
 
 
-def compact(output: str, attempt_id: str, rows_per_file: int = 200_000) -> int:
+def compact(output: str, attempt_id: str, rows_per_file: int = 50_000) -> int:
     """Merge the part files of one attempt into ``merged-*.parquet`` files of up to ``rows_per_file`` rows, then
     delete the parts; returns the number of files merged (0 when there was nothing to do). Safe to interrupt: the
     merged file is written before any part is deleted, and the ledger reads duplicates of a result as one."""

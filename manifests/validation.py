@@ -102,7 +102,8 @@ class RowValidator:
                  base_uri: str | None = None, image_threads: int = IMAGE_CHECK_THREADS):
         if known_relations is not None and not callable(known_relations):
             known_relations = frozenset(known_relations).__contains__
-        self.is_known = known_relations
+        self._known_relations = known_relations
+        self._relation_verdicts: dict[str, bool] = {}  # one lookup per relation (a registry lookup is a stat)
         self.check_image = check_image
         self.base = base_folder(str(base_uri)) if base_uri is not None else None
         self.image_threads = image_threads
@@ -121,7 +122,7 @@ class RowValidator:
             except ValidationError as e:
                 out.append(Rejection.from_error(index, e, row_id=row_id))
                 continue
-            if row.relation is not None and self.is_known is not None and not self.is_known(row.relation):
+            if row.relation is not None and not self._relation_known(row.relation):
                 out.append(Rejection.of(index, "relation", f"unknown relation {row.relation!r}: no LoRA in the "
                                         "registry", row.relation, row_id=row.row_id))
                 continue
@@ -130,6 +131,13 @@ class RowValidator:
             self._check_images({s.image for r in out if isinstance(r, GenerationRow) for s in r.subjects})
             out = [self._image_verdict(index, r) for (index, _), r in zip(rows, out)]
         return out
+
+    def _relation_known(self, relation: str) -> bool:
+        if self._known_relations is None:
+            return True
+        if relation not in self._relation_verdicts:
+            self._relation_verdicts[relation] = bool(self._known_relations(relation))
+        return self._relation_verdicts[relation]
 
     def _check_images(self, uris: set[str]) -> None:
         todo = sorted(u for u in uris if u not in self.image_errors)

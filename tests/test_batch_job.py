@@ -139,6 +139,7 @@ def test_example_manifest_on_two_actors(ray_local, tmp_path):
     assert_complete(str(out), [r.row_id for r in rows], {r.row_id: r.num_images for r in rows})
 
 
+@pytest.mark.slow
 def test_bad_rows_are_rejected_with_reasons_and_row_numbers(ray_local, tmp_path):
     from batch.job import submit
 
@@ -258,6 +259,7 @@ def test_a_run_refuses_other_settings_and_names_each_difference(ray_local, tmp_p
     assert again["run"]["execution"]["batch_size"] == 3 and again["run"]["attempts"] == ["0001", "0002"]
 
 
+@pytest.mark.slow
 def test_errors_are_retried_only_when_asked_and_the_latest_result_wins(ray_local, tmp_path):
     """A row whose subject image is missing (image checks off: a per-row error) stays an error on resume; with
     --retry-errors, after the image appears, it runs again and its new result is the ledger's."""
@@ -288,6 +290,7 @@ def test_errors_are_retried_only_when_asked_and_the_latest_result_wins(ray_local
     assert (st["ok"], st["error"], st["attempts"]) == (4, 0, 3)
 
 
+@pytest.mark.slow
 def test_no_resume_starts_a_new_generation(ray_local, tmp_path):
     from batch.job import submit
     from batch.report import status
@@ -308,6 +311,7 @@ def test_no_resume_starts_a_new_generation(ray_local, tmp_path):
     assert submit(job(manifest, out, batch_size=2))["attempt"]["counts"]["skipped"] == 4
 
 
+@pytest.mark.slow
 def test_paths_are_absolute_uris_whatever_the_working_folder(ray_local, tmp_path, monkeypatch):
     """Relative --output / manifest / --loras from another folder: the run records absolute URIs, and result image
     URIs resolve from anywhere (keys relative to the run folder, resolved by the ledger)."""
@@ -334,6 +338,7 @@ def _count_results(out: Path) -> int:
     return sum(pq.read_metadata(p).num_rows for p in folder.rglob("*.parquet"))
 
 
+@pytest.mark.slow
 def test_two_concurrent_submits_one_runs_the_other_refuses(ray_local, tmp_path):
     from batch.job import JobError, submit
 
@@ -386,15 +391,16 @@ def _wait_for_results(proc, out: Path, n: int, timeout: float = 240) -> None:
     assert _count_results(out) >= n
 
 
+@pytest.mark.slow
 def test_resume_after_the_driver_is_killed(ray_local, tmp_path):
     from batch.job import submit
 
-    rows = many_rows(16, steps=12, prefix="resume")
+    rows = many_rows(24, steps=8, prefix="resume", size=64)
     manifest = tmp_path / "m.parquet"
     write_manifest(rows, str(manifest))
     out = tmp_path / "out"
     cmd = [*CLI, "batch", "submit", str(manifest), "--output", str(out), "--loras", str(EXAMPLE_LORAS),
-           "--actors", "1", "--batch-size", "2", "--no-metrics"]
+           "--actors", "1", "--batch-size", "1", "--no-metrics"]
     proc = subprocess.Popen(cmd, env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
@@ -403,14 +409,14 @@ def test_resume_after_the_driver_is_killed(ray_local, tmp_path):
     finally:
         proc.wait(timeout=60)
     done_before = {r["row_id"] for r in ledger_records(str(out))}
-    assert 4 <= len(done_before) < 16
+    assert 4 <= len(done_before) < 24
     assert attempt_record(out, "0001")["status"] == "running"  # it never got to say how it ended
     # the dead driver's lease does not block (its pid is gone); the same settings resume the run
-    summary = submit(job(manifest, out, actors=1, batch_size=2, worker=_no_metrics(out)))
+    summary = submit(job(manifest, out, actors=1, batch_size=1, worker=_no_metrics(out)))
     assert summary["attempt"]["attempt_id"] == "0002"
     assert summary["attempt"]["counts"]["skipped"] == len(done_before)
-    assert summary["attempt"]["counts"]["ok"] == 16 - len(done_before)
-    assert summary["run"]["rows"]["ok"] == 16
+    assert summary["attempt"]["counts"]["ok"] == 24 - len(done_before)
+    assert summary["run"]["rows"]["ok"] == 24
     assert_complete(str(out), [r.row_id for r in rows], {r.row_id: r.num_images for r in rows})
 
 
@@ -420,17 +426,18 @@ def _no_metrics(out):
     return WorkerConfig(output=str(out), metrics=False)
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_cleanly_and_the_run_resumes(ray_local, tmp_path):
     import psutil
 
     from batch.job import submit
 
-    rows = many_rows(16, steps=12, prefix="int")
+    rows = many_rows(24, steps=8, prefix="int", size=64)
     manifest = tmp_path / "m.parquet"
     write_manifest(rows, str(manifest))
     out = tmp_path / "out"
     cmd = [*CLI, "batch", "submit", str(manifest), "--output", str(out), "--loras", str(EXAMPLE_LORAS),
-           "--actors", "1", "--batch-size", "2", "--no-metrics"]
+           "--actors", "1", "--batch-size", "1", "--no-metrics"]
     proc = subprocess.Popen(cmd, env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     _wait_for_results(proc, out, 2)
@@ -444,13 +451,13 @@ def test_ctrl_c_stops_cleanly_and_the_run_resumes(ray_local, tmp_path):
     assert record["status"] == "interrupted" and record["ended_at"] and record["counts"]["skipped"] is None
     run = run_json(out)
     assert run["status"] == "interrupted" and run["rows"]["ok"] == len(ledger_records(str(out)))
-    assert run["rows"]["ok"] + run["rows"]["pending"] == 16
+    assert run["rows"]["ok"] + run["rows"]["pending"] == 24
     assert not (out / "lease.json").exists()
     time.sleep(2)
     assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE], \
         "Ray processes of the job outlived it"
-    summary = submit(job(manifest, out, actors=1, batch_size=2, worker=_no_metrics(out)))
-    assert summary["run"]["rows"]["ok"] == 16 and summary["run"]["status"] == "completed"
+    summary = submit(job(manifest, out, actors=1, batch_size=1, worker=_no_metrics(out)))
+    assert summary["run"]["rows"]["ok"] == 24 and summary["run"]["status"] == "completed"
     assert_complete(str(out), [r.row_id for r in rows], {r.row_id: r.num_images for r in rows})
 
 
@@ -515,6 +522,7 @@ def test_an_unreachable_store_is_one_line(tmp_path):
 
 
 # ---- object storage -------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_s3_end_to_end(ray_local, s3_bucket):
     """Manifest, subject images, LoRAs and outputs all in a bucket of a local S3 server; a resubmission resumes."""
     from batch.job import submit

@@ -34,6 +34,7 @@ def _image_uris(row) -> list[str]:
 
 # --------------------------------------------------------------------------------------------------- data import-public
 
+@pytest.mark.slow
 def test_import_public_real_sets_into_one_dataset(runner, tmp_path):
     from manifests.triplets import read_triplets
 
@@ -140,6 +141,7 @@ def test_train_relations_bad_input_fails_before_ray(runner, tmp_path, no_ray):
     assert "error:" in result.stderr and "not found" in result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_train_relations_end_to_end(runner, ray_local, tmp_path):
     from manifests.registry import LoRARegistry

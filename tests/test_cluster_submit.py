@@ -218,6 +218,7 @@ def test_an_unreachable_cluster_is_named(runner, tmp_path):
 
 
 # ---- on the cluster ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.ray
 def test_batch_job_runs_on_the_cluster_to_completion(ray_cluster, runner, tmp_path):
     out = tmp_path / "out"
@@ -248,6 +249,7 @@ def test_batch_job_runs_on_the_cluster_to_completion(ray_cluster, runner, tmp_pa
     assert r.exit_code == 0 and "ok 18, error 0" in r.stdout and "report: " in r.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_a_failing_job_reports_its_failure_and_logs(ray_cluster, runner, tmp_path):
     missing = tmp_path / "absent.parquet"
@@ -274,6 +276,7 @@ def test_a_failing_job_reports_its_failure_and_logs(ray_cluster, runner, tmp_pat
     assert r.exit_code == 2 and "no job 'dr-no-such-job'" in r.output
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_stop_ends_a_long_job(ray_cluster, runner, tmp_path):
     base, _ = read_manifest(str(ROOT / EXAMPLE_REL))

@@ -31,6 +31,7 @@ def made(ray_local, runner, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_example_spec_makes_triplets_that_training_accepts(made, pipe, tmp_path):
     from dreamrelation.config import TrainConfig
     from dreamrelation.data import LAYOUTS_KEY, example_from_record
@@ -64,6 +65,7 @@ def test_example_spec_makes_triplets_that_training_accepts(made, pipe, tmp_path)
     assert np.isfinite(result.card["final_losses"]["loss"])
 
 
+@pytest.mark.slow
 def test_rerun_skips_done_samples_and_a_lost_outcome_file_reruns_only_its_samples(made, ray_local, tmp_path):
     from batch.engine_job import EngineJobConfig, run
     from batch.engine_worker import EngineConfig

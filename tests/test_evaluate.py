@@ -16,7 +16,8 @@ from PIL import Image
 
 from conftest import invoke
 from manifests import storage
-from manifests.io import read_manifest, read_results
+from manifests.io import read_manifest
+from manifests.ledger import ledger_records
 from manifests.relationbench import build_cases, subjects_from_dir
 from manifests.schema import ResultRow
 from batch.evaluate import (
@@ -229,6 +230,7 @@ def _read_csv(path: Path) -> list[dict]:
     return list(csv.DictReader(path.open()))
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_a_small_evaluation_end_to_end(ray_local, runner, tmp_path):
     """2 + 2 cases, configurations base and lora (a registry with the four drawn relations), tiny preset, 64x64,
@@ -250,7 +252,7 @@ def test_a_small_evaluation_end_to_end(ray_local, runner, tmp_path):
     relation = {c.row_id: c.relation for c in cases}
     per_config = {}
     for name in ("base", "lora"):
-        rows = read_results(str(out / "runs" / name / "results")).to_pylist()
+        rows = ledger_records(str(out / "runs" / name))
         assert sorted(r["row_id"] for r in rows) == sorted(kinds) and all(r["status"] == "ok" for r in rows)
         per_config[name] = {r["row_id"]: r for r in rows}
     assert all(r["relation"] is None for r in per_config["base"].values())  # base: no relation LoRA

@@ -292,6 +292,7 @@ def test_cli_rejects_a_bad_gate_before_anything_runs(runner, tmp_path, args, wor
     assert not out.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_submit_with_a_gate_on_ray(ray_local, runner, baseline, threshold, gated, tmp_path):
     """``batch submit --min-clip-i T --max-attempts 2`` on a local Ray: the attempt record and run.json count the

@@ -182,3 +182,13 @@ def test_batch_validation_skips_done_rows_rejects_duplicates_and_numbers_rejecti
     validator(table)
     assert len(combine_rejections(out, "0001", index)) == 2
 
+
+
+def test_the_first_rows_of_a_big_ledger_are_read_whole_and_alone(out):
+    """A report of a huge run reads the keys of every result, then whole rows for the first N row ids only."""
+    write(out, "0001", [result(f"r{i}", images=2) for i in range(0, 10, 2)])
+    write(out, "0002", [result(f"r{i}", at="2026-12-02T00:00:00.000000+00:00", attempt="0002") for i in range(10)])
+    every = ledger_records(out)
+    first = ledger_records(out, limit=4)
+    assert first == every[:4] and [r["row_id"] for r in first] == ["r0", "r1", "r2", "r3"]
+    assert {r["attempt_id"] for r in first} == {"0002"}  # the latest result, not the first file's

@@ -49,6 +49,7 @@ def write_synthetic_triplets(root: str, relations=RELATIONS, per_relation: int =
     write_triplets(records, root)
 
 
+@pytest.mark.slow
 def test_three_relations_train_in_parallel_trials_and_batch_uses_them(ray_local, s3_bucket, tmp_path):
     from batch.job import JobConfig, submit
     from cluster.train_job import TrainJobConfig, run
@@ -88,6 +89,7 @@ def test_three_relations_train_in_parallel_trials_and_batch_uses_them(ray_local,
     assert result["attempt"]["cache"]["lora_hit_rate"] is not None
 
 
+@pytest.mark.slow
 def test_one_relation_on_two_ddp_workers(ray_local, tmp_path):
     from cluster.train_job import TrainJobConfig, run
     from manifests.registry import LoRARegistry
@@ -110,6 +112,7 @@ def test_unknown_relation_fails_before_ray_starts(tmp_path, monkeypatch):
         tj.run(tj.TrainJobConfig(data=str(tmp_path / "data"), relations=("hugging", "dancing")))
 
 
+@pytest.mark.slow
 def test_a_killed_driver_is_resumed_by_rerunning_the_same_command(ray_local, tmp_path):
     """The run name is stable: rerunning after the driver was killed restores the Tune run and finishes it."""
     import os

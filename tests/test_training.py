@@ -71,6 +71,7 @@ def test_only_the_lora_changes(tiny_dir, tmp_path):
                                                                                     trained.values())
 
 
+@pytest.mark.slow
 def test_the_loss_on_a_fixed_set_falls_over_200_steps(tiny_dir, tmp_path):
     """Mean loss over 16 fixed (example, timestep, noise) draws, before and after 200 steps (lr 3e-3, batch 1)."""
     pipe = fresh(tiny_dir)
