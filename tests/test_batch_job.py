@@ -225,6 +225,7 @@ def small_manifest(tmp_path: Path, n: int = 6, prefix: str = "s") -> Path:
     return manifest
 
 
+@pytest.mark.slow
 def test_a_run_refuses_other_settings_and_names_each_difference(ray_local, tmp_path):
     from batch.job import submit
     from batch.worker import WorkerConfig
