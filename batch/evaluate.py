@@ -31,6 +31,7 @@ import numpy as np
 
 from manifests import storage
 from manifests.io import read_table, table_to_rows, write_manifest
+from manifests.access import AccessPolicy
 from manifests.registry import CARD_NAME, REGISTRY_FILE, WEIGHTS_NAME, LoRARegistry
 from manifests.run_record import RunFormatError, differences, read_run
 from manifests.relationbench import KINDS, build_cases, case_kind, subjects_from_dir, template
@@ -249,7 +250,9 @@ def job_config(config: EvalConfig, run: PlannedRun, manifest: str):
 
     conf = run.configuration
     worker = WorkerConfig(output=run.output, preset=config.preset, loras=conf.loras, device=config.device,
-                          max_batch_images=config.max_batch_images, use_local_tokens=conf.use_local_tokens)
+                          max_batch_images=config.max_batch_images, use_local_tokens=conf.use_local_tokens,
+                          # a single LoRA folder runs through a registry.json the evaluation writes itself
+                          access=AccessPolicy(allow_external_loras=run.registry_file is not None))
     return JobConfig(manifest=manifest, output=run.output, worker=worker, preset=config.preset, loras=conf.loras,
                      actors=config.actors, gpus_per_actor=config.gpus_per_actor, cpus_per_actor=config.cpus_per_actor,
                      batch_size=config.batch_size, address=config.address, resume=config.resume,

@@ -24,13 +24,14 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 
 from manifests import storage
 from manifests.io import manifest_row_count, parquet_rows, write_table
 from manifests.lease import Lease, LeaseHeld
+from manifests.access import AccessPolicy
 from manifests.ledger import attempt_folders, compact_all, done_row_ids, ledger_counts
 from manifests.registry import LoRARegistry
 from manifests.run_record import (
@@ -47,6 +48,7 @@ from manifests.run_record import (
 )
 from manifests.runtime import ray_init_args
 from manifests.schema import utc_now
+from manifests.validation import DEFAULT_MAX_ROW_COST, Checks
 
 from . import pipeline
 from .worker import WorkerConfig
@@ -76,6 +78,7 @@ class JobConfig:
     retry_errors: bool = False  # rows whose final result is an error run again
     new_attempt: bool = False  # accept other execution settings (actors, batch size, ...) than the run's
     check_images: bool = True
+    max_row_cost: float | None = DEFAULT_MAX_ROW_COST  # megapixel-steps a row may ask for (None: no budget)
     lease_timeout: float = 300.0  # seconds without a heartbeat after which a lease may be stolen
     steal_lease: bool = False
 
@@ -94,6 +97,12 @@ class JobConfig:
         return replace(self, manifest=storage.absolute(self.manifest), output=output, preset=preset, loras=loras,
                        worker=worker)
 
+    def checks(self) -> Checks:
+        """The row checks the validation actors run (the pixel cap and access policy are the worker's too)."""
+        w = self.worker_config()
+        return Checks(check_images=self.check_images, max_image_pixels=w.max_image_pixels,
+                      max_row_cost=self.max_row_cost, access=w.access)
+
     def settings(self) -> dict[str, Any]:
         """What changes a row's images: fixed by the run's first submission."""
         w = self.worker_config()
@@ -106,7 +115,8 @@ class JobConfig:
         return dict(actors=self.actors, gpus_per_actor=self.gpus_per_actor, cpus_per_actor=self.cpus_per_actor,
                     batch_size=self.batch_size, max_batch_images=w.max_batch_images, address=self.address,
                     lora_cache_size=w.lora_cache_size, subject_cache_size=w.subject_cache_size, device=w.device,
-                    compile_unet=w.compile_unet, check_images=self.check_images)
+                    compile_unet=w.compile_unet, check_images=self.check_images, max_row_cost=self.max_row_cost,
+                    max_image_pixels=w.max_image_pixels, row_timeout=w.row_timeout, access=asdict(w.access))
 
 
 class JobError(RuntimeError):
@@ -125,7 +135,7 @@ def lora_fingerprints(loras: str | None) -> dict[str, str]:
     """{relation: fingerprint of its LoRA file} for every relation in the registry (one stat each, in parallel)."""
     if not loras:
         return {}
-    registry = LoRARegistry(loras)
+    registry = LoRARegistry(loras, AccessPolicy(allow_external_loras=True))  # fingerprints only: nothing is read
     relations = registry.relations()
     with ThreadPoolExecutor(16) as pool:
         return dict(zip(relations, pool.map(registry.fingerprint, relations)))
@@ -305,7 +315,7 @@ def _attempt(config: JobConfig, run: RunRecord, attempt: AttemptRecord, read: in
         if to_check != 0:
             pipeline.run_pipeline(
                 config.manifest, out, attempt.attempt_id, worker.to_dict(), loras=config.loras,
-                check_images=config.check_images, duplicates_ref=duplicates_ref, done_ref=done_ref,
+                checks=config.checks(), duplicates_ref=duplicates_ref, done_ref=done_ref,
                 actors=config.actors, batch_size=config.batch_size, gpus=gpus, cpus=cpus,
                 validators=int(max(1, min(8, free // 1.5))), tally=tally, progress=step)
     except KeyboardInterrupt:

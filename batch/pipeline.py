@@ -35,9 +35,8 @@ import pyarrow.compute as pc
 
 from manifests import storage
 from manifests.io import MANIFEST_SCHEMA, REJECTED_SCHEMA, read_table, write_table
-from manifests.registry import LoRARegistry
 from manifests.schema import GenerationRow, Rejection
-from manifests.validation import RowValidator, check_image_file, duplicate_rejection, normalize_record
+from manifests.validation import Checks, duplicate_rejection, normalize_record
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +45,7 @@ VALIDATE_BATCH = 1024  # rows per validation call; accepted rows are sorted with
 BLOCK_BYTES = 512 * 1024  # target block size: blocks of ~1000 manifest rows stream into validation early
 REJECTED_PARTS = "rejected"  # {out}/attempts/{id}/rejected/part-*.parquet, combined into {out}/rejected.parquet
 REJECTED_FILE = "rejected.parquet"
+ACTOR_RESTARTS = 64  # times one generation actor may be restarted after its process died
 
 
 def configure_data_context() -> None:
@@ -131,13 +131,12 @@ class BatchValidator:
     numbers are filled in when they are combined, :func:`combine_rejections`). ``duplicates``: later occurrences of
     repeated row ids, by row hash (:func:`index_rows`); ``done``: row ids with a final result (skipped)."""
 
-    def __init__(self, manifest: str, output: str, attempt_id: str, loras: str | None, check_images: bool,
+    def __init__(self, manifest: str, output: str, attempt_id: str, loras: str | None, checks: Checks,
                  duplicates: dict[int, tuple[str, int]], done: pa.Array | None):
         self.output, self.attempt_id = output, attempt_id
         self.duplicates = duplicates
         self.done = frozenset(done.to_pylist()) if done is not None else frozenset()
-        self.validator = RowValidator(check_image_file if check_images else None, LoRARegistry(loras).has,
-                                      base_uri=manifest)
+        self.validator = checks.validator(manifest, loras)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         hashes = batch[ROW_HASH].to_numpy()
@@ -167,13 +166,12 @@ class BatchValidator:
 class ValidateRows(BatchValidator):
     """The Ray Data shell of :class:`BatchValidator`: the duplicates and the done row ids come as object refs."""
 
-    def __init__(self, manifest: str, output: str, attempt_id: str, loras: str | None, check_images: bool,
+    def __init__(self, manifest: str, output: str, attempt_id: str, loras: str | None, checks: Checks,
                  refs: list):
         import ray
 
         duplicates_ref, done_ref = refs
-        super().__init__(manifest, output, attempt_id, loras, check_images, ray.get(duplicates_ref),
-                         ray.get(done_ref))
+        super().__init__(manifest, output, attempt_id, loras, checks, ray.get(duplicates_ref), ray.get(done_ref))
 
 
 def combine_rejections(output: str, attempt_id: str, index: RowIndex) -> pa.Table:
@@ -205,7 +203,7 @@ class GenerationActor:
 
     def __call__(self, batch: pa.Table) -> dict[str, list]:
         records = [normalize_record(r) for r in batch.to_pylist()]
-        results = self.worker.process_and_write(records)
+        results = self.worker.process_guarded(records)
         ok = [r for r in results if r.status == "ok"]
         stages: Counter = Counter()
         for r in results:
@@ -262,7 +260,7 @@ class Tally:
         return json.loads(sorted(self.setups)[0])["fingerprints"] if self.setups else None
 
 
-def run_pipeline(manifest: str, output: str, attempt_id: str, worker: dict, *, loras: str | None, check_images: bool,
+def run_pipeline(manifest: str, output: str, attempt_id: str, worker: dict, *, loras: str | None, checks: Checks,
                  duplicates_ref, done_ref, actors: int, batch_size: int, gpus: float, cpus: float, validators: int,
                  tally: Tally, progress: Callable[[int], None] | None = None) -> Tally:
     """Stream the manifest through validation and the actor pool, adding the actors' counters to ``tally`` as
@@ -276,12 +274,15 @@ def run_pipeline(manifest: str, output: str, attempt_id: str, worker: dict, *, l
         ValidateRows, batch_size=VALIDATE_BATCH, batch_format="pyarrow", num_cpus=0.25,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, validators)),
         fn_constructor_kwargs=dict(manifest=manifest, output=output, attempt_id=attempt_id, loras=loras,
-                                   check_images=check_images, refs=[duplicates_ref, done_ref]),
+                                   checks=checks, refs=[duplicates_ref, done_ref]),
     )
     ds = ds.repartition(target_num_rows_per_block=batch_size)
     ds = ds.map_batches(
         GenerationActor, batch_size=batch_size, batch_format="pyarrow", num_gpus=gpus, num_cpus=cpus,
         compute=ray.data.ActorPoolStrategy(size=actors), fn_constructor_kwargs={"config": worker},
+        # bounded, never Ray Data's default of forever: a row that kills its actor is retried up to
+        # max_row_kills times, then becomes an error row (Worker.process_guarded)
+        max_restarts=ACTOR_RESTARTS, max_task_retries=worker["max_row_kills"] + 2,
     )
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         done = tally.add(batch)

@@ -17,18 +17,30 @@ is recorded in ``ResultRow.attempts``.
 from __future__ import annotations
 
 import io
+import json
 import logging
+import os
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from manifests import storage
-from manifests.io import image_key, write_results
+from manifests.access import AccessPolicy
+from manifests.io import image_key, read_table, write_results
 from manifests.ledger import part_uri
 from manifests.registry import LoRARegistry
 from manifests.run_record import RunMismatch, differences
-from manifests.schema import GATE_METRICS, GateAttempt, GateSpec, GenerationRow, ResultRow, gate_option, utc_now
+from manifests.schema import (
+    GATE_METRICS,
+    GateAttempt,
+    GateSpec,
+    GenerationRow,
+    ResultRow,
+    gate_option,
+    utc_now,
+)
+from manifests.validation import DEFAULT_MAX_IMAGE_PIXELS
 
 logger = logging.getLogger(__name__)
 
@@ -50,11 +62,20 @@ class WorkerConfig:
     local_encoder: str | None = None  # a distilled local image encoder checkpoint (None: the preset's, if any)
     compile_unet: bool = False
     gate: GateSpec | dict[str, Any] | None = None  # quality gate; stored as GateSpec.model_dump() (JSON, picklable)
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # subject images larger than this are refused, not decoded
+    access: AccessPolicy | dict[str, Any] = field(default_factory=AccessPolicy)  # what rows may make it fetch
+    row_timeout: float | None = None  # seconds a row may take (per image batch it is part of); None: no limit
+    max_row_kills: int = 2  # a row that killed its actor this many times becomes an error row ("poison row")
+    crash_on_rows: tuple[str, ...] = ()  # fault injection for tests: the process exits when it starts these rows
     attempt_id: str = ""  # the run attempt the results belong to ("" outside a run: results/part-*.parquet)
     # the fingerprints of the weights the run started with: an actor whose weights differ refuses to start
     expect_fingerprints: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.access, dict):  # a config that travelled as plain data
+            object.__setattr__(self, "access", AccessPolicy(**self.access))
+        if self.row_timeout is not None and not self.row_timeout > 0:
+            raise ValueError(f"--row-timeout must be a positive number of seconds, got {self.row_timeout!r}")
         if self.gate is None:
             return
         spec = self.gate if isinstance(self.gate, GateSpec) else GateSpec.model_validate(self.gate)
@@ -130,7 +151,7 @@ class Worker:
         self.pipe.set_progress_bar_config(disable=True)
         if config.compile_unet:
             self.pipe.unet = torch.compile(self.pipe.unet)
-        self.registry = LoRARegistry(config.loras)
+        self.registry = LoRARegistry(config.loras, config.access)
         self.loras = LoRACache(self.pipe, self.registry, capacity=config.lora_cache_size)
         self.subjects = SubjectEncodingCache.for_pipeline(self.pipe, capacity=config.subject_cache_size,
                                                           use_local_tokens=config.use_local_tokens)
@@ -173,6 +194,8 @@ class Worker:
                 continue
             states.append(_RowState(row=row, relation_phrase=self._relation_phrase(row)))
         live = [s for s in states if isinstance(s, _RowState)]
+        if any(s.row.row_id in self.config.crash_on_rows for s in live):
+            os._exit(17)  # fault injection (tests): dies as an out-of-memory kill or a native crash would
         groups: dict[tuple, list[_RowState]] = defaultdict(list)
         for s in live:
             groups[s.row.batch_key()].append(s)
@@ -200,16 +223,16 @@ class Worker:
 
     def _load_subjects(self, s: _RowState) -> None:
         """Read the subject images and encode them (through the content-hash cache)."""
-        from PIL import Image
 
         t = time.perf_counter()
         items = []
         for j, subject in enumerate(s.row.subjects):
             try:
+                refused = self.config.access.reason(subject.image)
+                if refused:  # the rows were validated; this guards a Worker used directly
+                    raise ValueError(refused)
                 data = storage.read_bytes(subject.image)
-                image = Image.open(io.BytesIO(data))
-                image.load()
-                image = image.convert("RGB")
+                image = decode_subject(data, self.config.max_image_pixels)
             except Exception as exc:
                 raise RowError(f"subjects[{j}].image {subject.image!r} could not be read as an image: {exc}") from exc
             s.subject_images.append(image)
@@ -276,6 +299,56 @@ class Worker:
                     except Exception as exc2:
                         sub[0][0].error = _generation_error(exc2, sub[0][1])
 
+    def _deadline(self, rows: int):
+        """A step callback enforcing ``row_timeout`` for a pipeline call of ``rows`` rows (None without a limit): a
+        call that overruns fails, and its rows are retried one by one, so only the slow row fails on its own."""
+        if self.config.row_timeout is None:
+            return None
+        limit = self.config.row_timeout * rows
+        start = time.perf_counter()
+
+        def check(step: int, total: int) -> None:
+            elapsed = time.perf_counter() - start
+            if elapsed > limit:
+                raise RowTimeout(f"over the time limit of {self.config.row_timeout:g} s per row (--row-timeout): "
+                                 f"{elapsed:.1f} s for {rows} row(s), at step {step} of {total}")
+
+        return check
+
+    def process_guarded(self, records: list[dict[str, Any]]) -> list[ResultRow]:
+        """:meth:`process_and_write` for an actor whose process a row may kill (out of memory, a crash in native
+        code): a call is marked in flight under ``attempts/{id}/inflight/`` while it runs. A call found marked was
+        started before and killed its process; its rows then run one at a time, each marked in flight too, and a
+        row that was killed ``max_row_kills`` times becomes an error row instead of running again. Rows already
+        finished alone are read back, not made again. Needs ``attempt_id`` (a run)."""
+        out, attempt = self.config.output, self.config.attempt_id
+        if not attempt:
+            return self.process_and_write(records)
+        marker = inflight_uri(out, attempt, [str(r.get("row_id")) for r in records])
+        if bump(marker) == 1:
+            results = self.process_and_write(records)
+            storage.remove(marker)
+            return results
+        results = []
+        for record in records:
+            rid = str(record.get("row_id"))
+            done = part_uri(out, attempt, [rid])
+            if storage.exists(done):
+                results += [ResultRow.model_validate(r) for r in read_table(done).to_pylist()]
+                continue
+            row_marker = inflight_uri(out, attempt, [rid])
+            kills = bump(row_marker)  # the call's crash, plus each crash of this row alone
+            if kills > self.config.max_row_kills:
+                result = _error_result(rid, f"poison row: killed its actor {kills - 1} times", record.get("relation"),
+                                       attempt_id=attempt)
+                write_results([result], done)
+            else:
+                (result,) = self.process_and_write([record])
+            storage.remove(row_marker)
+            results.append(result)
+        storage.remove(marker)
+        return results
+
     def _generate(self, chunk: list[tuple[_RowState, _Item]], relation: str | None) -> None:
         import torch
 
@@ -292,6 +365,7 @@ class Worker:
             scale=[s.row.scale for s, _ in chunk], height=row0.height, width=row0.width,
             negative_prompt=[s.row.negative_prompt for s, _ in chunk],
             use_local_tokens=self.config.use_local_tokens, progress=False,
+            step_callback=self._deadline(len({id(s) for s, _ in chunk})),
         )
         per_image = (time.perf_counter() - t) / len(chunk)
         for (s, item), image in zip(chunk, out.images):
@@ -364,8 +438,46 @@ class Worker:
         )
 
 
+SUBJECT_DECODE_SIZE = 1024  # the encoders need 896 px at most (local tokens); larger JPEGs decode reduced
+
+
+def decode_subject(data: bytes, max_pixels: int):
+    """A subject image's bytes as an RGB PIL image: the header is checked against ``max_pixels`` before any pixel is
+    decoded (a decompression bomb never is), and a large JPEG is reduced while decoding (``draft``) to about
+    :data:`SUBJECT_DECODE_SIZE` px. ``ValueError`` naming the dimensions when over the cap."""
+    from PIL import Image
+
+    from manifests.validation import image_header, pixel_cap_reason
+
+    _, width, height = image_header(io.BytesIO(data))
+    too_big = pixel_cap_reason(width, height, max_pixels)
+    if too_big:
+        raise ValueError(too_big)
+    image = Image.open(io.BytesIO(data))
+    image.draft("RGB", (SUBJECT_DECODE_SIZE, SUBJECT_DECODE_SIZE))  # JPEG only: decodes at 1/2, 1/4 or 1/8 scale
+    image.load()
+    return image.convert("RGB")
+
+
 class RowError(Exception):
     """A problem with one row's inputs (its batch-mates go on)."""
+
+
+class RowTimeout(RuntimeError):
+    """A row (or a batch of rows) ran past ``--row-timeout``."""
+
+
+def inflight_uri(output: str, attempt_id: str, row_ids: list[str]) -> str:
+    """The in-flight marker of an actor call (or of one row): named like its results file (``ledger.part_uri``)."""
+    name = part_uri(output, attempt_id, row_ids).rsplit("/", 1)[-1].replace(".parquet", ".json")
+    return storage.join(output, "attempts", attempt_id, "inflight", name)
+
+
+def bump(uri: str) -> int:
+    """Count one more start in the marker at ``uri``; returns the count (1 for a fresh marker)."""
+    starts = json.loads(storage.read_bytes(uri))["starts"] + 1 if storage.exists(uri) else 1
+    storage.write_bytes_atomic(uri, json.dumps({"starts": starts}).encode())
+    return starts
 
 
 def _generation_error(exc: Exception, item: _Item) -> str:

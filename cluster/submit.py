@@ -10,10 +10,12 @@ outputs, tests and caches: under 1 MB), so the job, its Ray Data actors and its 
 even when the cluster's image holds another version. It does not install dependencies: the cluster's Python must
 already hold torch, diffusers and ray (the images and setup commands in ``cluster/configs/`` do).
 
-The ``AWS_*``, ``DREAMRELATION_*`` and ``HF_*`` variables set where you submit travel with the job
-(``runtime_env["env_vars"]``), so S3 endpoints and credentials reach every worker; not those that name local files
-(``AWS_CA_BUNDLE``, ...), and ``DREAMRELATION_HOME`` travels as is, so point it where the nodes can write. Ray shows
-a job's runtime environment in its dashboard: on a shared cluster prefer instance roles / service accounts to keys.
+The ``AWS_*``, ``DREAMRELATION_*`` and ``HF_*`` settings set where you submit travel with the job
+(``runtime_env["env_vars"]``), so S3 endpoints and regions reach every worker; never a secret (access keys, session
+tokens, ``HF_TOKEN``: ``manifests.runtime.is_secret``), since Ray writes runtime environments into its logs and
+shows them in its dashboard: the nodes bring their own credentials (instance roles, IRSA, a mounted credentials
+file; docs/cluster.md). Not those that name local files either (``AWS_CA_BUNDLE``, ...); ``DREAMRELATION_HOME``
+travels as is, so point it where the nodes can write.
 
 Paths in the job's arguments are resolved on the cluster: a relative path lands in the job's copy of the project
 (which Ray deletes), so outputs belong on shared storage (``s3://...``) or an absolute path every node sees.
@@ -36,7 +38,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from manifests.runtime import forwarded_env
+from manifests.runtime import forwarded_env, is_secret
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +107,10 @@ def make_runtime_env(runtime_env: Mapping[str, Any] | None = None, env: Mapping[
     env_vars = {k: v for k, v in forwarded_env().items() if k not in LOCAL_FILE_VARS}
     env_vars.update(rt.get("env_vars") or {})
     env_vars.update(env or {})
+    secret = sorted(k for k in env_vars if is_secret(k))
+    if secret:
+        raise ValueError(f"secrets never travel in a job's runtime environment (Ray logs it): {', '.join(secret)}; "
+                         f"give the cluster's nodes their own credentials (docs/cluster.md)")
     rt["env_vars"] = {str(k): str(v) for k, v in env_vars.items()}
     return rt
 

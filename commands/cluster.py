@@ -77,7 +77,12 @@ def _submit_cluster_job(root: typer.core.TyperGroup, command: tuple[str, str], a
     for item in env or []:
         key, sep, value = item.partition("=")
         if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
-            fail(f"--env must be KEY=VALUE, got {item!r}")
+            fail(f"--env must be KEY=VALUE, got {key!r}=... " if sep else f"--env must be KEY=VALUE, got {item!r}")
+        from manifests.runtime import is_secret
+
+        if is_secret(key):  # the value is never echoed
+            fail(f"--env {key}: secrets never travel in a job's runtime environment (Ray logs it); give the "
+                 "cluster's nodes their own credentials (docs/cluster.md)")
         extra[key] = value
     params = _check_job_args(root, command, args)
     if params.get("address") is not None:

@@ -58,11 +58,7 @@ def quiet_ray_logs() -> None:
     import logging
 
     if not DEBUG:
-        import os
-
         import ray.data  # noqa: F401 - configures its loggers on import: set the levels after that
 
         logging.getLogger("ray").setLevel(logging.WARNING)
         logging.getLogger("ray.data").setLevel(logging.ERROR)  # "progress bars disabled" (we show our own)
-        # the driver's core worker logs a line about actor constructor arguments for every Ray Data actor pool
-        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -243,6 +243,7 @@ class DreamRelationPipeline(StableDiffusionXLPipeline):
         use_local_tokens: bool | None = None,
         output_type: str = "pil",
         progress: bool = True,
+        step_callback: Callable[[int, int], None] | None = None,
     ) -> DreamRelationOutput:
         """Generate one image per row.
 
@@ -256,6 +257,8 @@ class DreamRelationPipeline(StableDiffusionXLPipeline):
             seed: one seed, or one per row. The same seed gives the same image.
             scale: gamma of the image branch (paper eq. 4), one value or one per row.
             use_local_tokens: append the 16 local tokens per subject (default: the adapter's config).
+            step_callback: called as ``step_callback(step, total)`` after each denoising step (from 1); an exception
+                it raises stops the call (a caller's time limit).
         """
         if self.adapter is None:
             raise ValueError("this pipeline has no adapter: build it with presets.load_pipeline")
@@ -294,7 +297,7 @@ class DreamRelationPipeline(StableDiffusionXLPipeline):
                        "ip_masks": layout_masks(box_t, latent_hw, dtype)}  # masks built once, not per layer
         return self._sample(prompt_embeds, neg_embeds, pooled, neg_pooled, rows.seeds, attn_kwargs, height=height,
                             width=width, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                            output_type=output_type, progress=progress)
+                            output_type=output_type, progress=progress, step_callback=step_callback)
 
     @torch.no_grad()
     def text_to_image(
@@ -344,7 +347,8 @@ class DreamRelationPipeline(StableDiffusionXLPipeline):
     def _sample(self, prompt_embeds: torch.Tensor, neg_embeds: torch.Tensor | None, pooled: torch.Tensor,
                 neg_pooled: torch.Tensor | None, seeds: list[int], attn_kwargs: dict | None, *, height: int,
                 width: int, num_inference_steps: int, guidance_scale: float, output_type: str,
-                progress: bool) -> DreamRelationOutput:
+                progress: bool, step_callback: Callable[[int, int], None] | None = None
+                ) -> DreamRelationOutput:
         """Steps shared by every generation: timesteps, seeded latents, micro-conditioning, denoising, decoding.
 
         ``prompt_embeds`` (B, 77, D) and ``pooled`` (B, D2) of the rows (and the negatives when guidance > 1);
@@ -391,6 +395,8 @@ class DreamRelationPipeline(StableDiffusionXLPipeline):
                     noise = uncond + guidance_scale * (cond - uncond)
                 latents = self.scheduler.step(noise, t, latents, return_dict=False)[0]
                 bar.update()
+                if step_callback is not None:
+                    step_callback(bar.n, len(timesteps))
 
         # 8. Decode
         if output_type == "latent":

@@ -24,6 +24,7 @@ import struct
 from typing import Any
 
 from . import storage
+from .access import AccessPolicy, inside
 from .schema import KEY_PATTERN, check_key
 
 logger = logging.getLogger(__name__)
@@ -63,12 +64,17 @@ def _is_absolute(location: str) -> bool:
 
 
 class LoRARegistry:
-    """Relation id -> LoRA URI at a storage root; ``root=None`` is an empty registry (no relation has a LoRA)."""
+    """Relation id -> LoRA URI at a storage root; ``root=None`` is an empty registry (no relation has a LoRA).
 
-    def __init__(self, root: str | os.PathLike | None):
+    ``access``: what the registry may point at. By default a ``registry.json`` entry must resolve inside the
+    registry's root (``AccessPolicy.allow_external_loras`` lifts that, and the entry's URI must then pass the
+    policy's scheme and address rules)."""
+
+    def __init__(self, root: str | os.PathLike | None, access: AccessPolicy | None = None):
         self.root = None if root is None else str(root).rstrip("/")
         if self.root == "":
             raise ValueError(f"root must be a storage URL or path (or None), got {root!r}")
+        self.access = access or AccessPolicy()
         self._index: dict[str, str] | None = None  # registry.json, resolved to URIs; read lazily
 
     def __repr__(self) -> str:
@@ -129,23 +135,40 @@ class LoRARegistry:
         """Every relation id with a LoRA (sorted)."""
         return sorted(set(self._folder_relations()) | set(self._registry_file()))
 
-    def has(self, relation: str) -> bool:
+    def problem(self, relation: str) -> str | None:
+        """Why ``relation`` has no usable LoRA here (unknown; a ``registry.json`` entry outside the registry, not
+        allowed by the access policy, or naming a file that does not exist), or None when it has one."""
         check_relation_id(relation)
         if self.root is None:
-            return False
-        return relation in self._registry_file() or storage.exists(self._folder_uri(relation))
+            return f"unknown relation {relation!r}: no LoRA registry was given (--loras)"
+        if relation in self._registry_file():
+            uri = self._registry_file()[relation]
+            where = f"{storage.join(self.root, REGISTRY_FILE)} maps relation {relation!r} to {uri}"
+            if not inside(uri, self.root):
+                if not self.access.allow_external_loras:
+                    return f"{where}, outside the registry (allowed with --allow-external-loras)"
+                refused = self.access.reason(uri, "LoRA file")
+                if refused:
+                    return f"{where}: {refused}"
+            if not storage.exists(uri):
+                return f"{where}, which does not exist"
+            return None
+        if storage.exists(self._folder_uri(relation)):
+            return None
+        return f"unknown relation {relation!r}: no LoRA in the registry"
+
+    def has(self, relation: str) -> bool:
+        return self.problem(relation) is None
 
     def uri(self, relation: str) -> str:
-        """The LoRA file of ``relation``; :class:`UnknownRelationError` (a ``ValueError``) if it has none."""
-        check_relation_id(relation)
+        """The LoRA file of ``relation``; :class:`UnknownRelationError` (a ``ValueError``) naming why if it has none
+        (:meth:`problem`)."""
+        problem = self.problem(relation)
+        if problem is not None:
+            raise UnknownRelationError(f"{problem} (registry {self.root!r}; known relations: {self.relations()})")
         if relation in self._registry_file():
             return self._registry_file()[relation]
-        if self.root is not None:
-            uri = self._folder_uri(relation)
-            if storage.exists(uri):
-                return uri
-        raise UnknownRelationError(f"relation {relation!r} has no LoRA in the registry at {self.root!r}; "
-                                   f"known relations: {self.relations()}")
+        return self._folder_uri(relation)
 
     def read_bytes(self, relation: str) -> bytes:
         """The LoRA file's bytes (a safetensors file; ``safetensors.torch.load`` turns it into a state dict)."""

@@ -104,6 +104,15 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
         fs.pipe_file(path, data)
 
 
+def remove(uri: str) -> None:
+    """Delete the file at ``uri``; nothing happens when there is none."""
+    fs, path = filesystem(uri)
+    try:
+        fs.rm_file(path)
+    except FileNotFoundError:
+        pass
+
+
 def list_files(uri: str, suffix: str = "") -> list[str]:
     """Full URIs of the files directly under ``uri`` ending in ``suffix`` (empty list if the folder is absent)."""
     fs, path = filesystem(uri)

@@ -12,6 +12,10 @@ from PIL import Image
 
 PUBLIC_DATA = Path(__file__).resolve().parents[2] / "shared" / "public-data" / "dreamrelation-sample"
 
+# The S3 server's credentials: canaries that no file, log or output may ever contain (tests/test_hostile_input.py).
+CANARY_KEY_ID = "AKIACANARYKEY7QX2ZP"
+CANARY_SECRET = "canary-secret-Vb8n3Lq0sRt5Wx"
+
 # Fast, tiny generation settings shared by the tests.
 FAST = dict(num_inference_steps=2, height=64, width=64, progress=False)
 
@@ -112,7 +116,7 @@ def s3_server():
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+    env = {"AWS_ACCESS_KEY_ID": CANARY_KEY_ID, "AWS_SECRET_ACCESS_KEY": CANARY_SECRET, "AWS_DEFAULT_REGION": "us-east-1",
            "AWS_ENDPOINT_URL": endpoint, "AWS_EC2_METADATA_DISABLED": "true"}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
@@ -143,21 +147,25 @@ def s3_bucket(s3_server):
 
 
 @pytest.fixture(scope="session")
-def ray_local(_model_home, s3_server):
+def ray_temp() -> Path:
+    """The local Ray's temp folder (its session logs: where tests look for leaked secrets)."""
+    import tempfile
+
+    return Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's socket paths have a length limit
+
+
+@pytest.fixture(scope="session")
+def ray_local(_model_home, s3_server, ray_temp):
     """A real local Ray cluster for the session (4 logical CPUs on any machine; actors take fractions).
 
     Started after the S3 server so that its workers inherit the endpoint and credentials.
     """
-    import tempfile
-
     import ray
 
     os.environ["RAY_AUTH_MODE"] = "disabled"
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
-    env = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "DREAMRELATION_"))}
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _temp_dir=temp,
-             runtime_env={"env_vars": env})
+    # no runtime environment: its processes inherit the S3 settings and credentials (Ray would log a runtime env)
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _temp_dir=str(ray_temp))
     yield ray
     ray.shutdown()
 

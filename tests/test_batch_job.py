@@ -392,18 +392,24 @@ def _wait_for_results(proc, out: Path, n: int, timeout: float = 240) -> None:
     assert _count_results(out) >= n
 
 
+def _cli_run(tmp_path: Path, prefix: str):
+    """``batch submit`` of 24 small rows in a process of its own (its own Ray), one row per call, no metrics:
+    (rows, manifest, output, the process)."""
+    rows = many_rows(24, steps=8, prefix=prefix, size=64)
+    manifest, out = tmp_path / "m.parquet", tmp_path / "out"
+    write_manifest(rows, str(manifest))
+    cmd = [*CLI, "batch", "submit", str(manifest), "--output", str(out), "--loras", str(EXAMPLE_LORAS),
+           "--actors", "1", "--batch-size", "1", "--no-metrics"]
+    proc = subprocess.Popen(cmd, env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return rows, manifest, out, proc
+
+
 @pytest.mark.slow
 def test_resume_after_the_driver_is_killed(ray_local, tmp_path):
     from batch.job import submit
 
-    rows = many_rows(24, steps=8, prefix="resume", size=64)
-    manifest = tmp_path / "m.parquet"
-    write_manifest(rows, str(manifest))
-    out = tmp_path / "out"
-    cmd = [*CLI, "batch", "submit", str(manifest), "--output", str(out), "--loras", str(EXAMPLE_LORAS),
-           "--actors", "1", "--batch-size", "1", "--no-metrics"]
-    proc = subprocess.Popen(cmd, env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    rows, manifest, out, proc = _cli_run(tmp_path, "resume")
     try:
         _wait_for_results(proc, out, 4)
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started, mid-run: no records written
@@ -433,14 +439,7 @@ def test_ctrl_c_stops_cleanly_and_the_run_resumes(ray_local, tmp_path):
 
     from batch.job import submit
 
-    rows = many_rows(24, steps=8, prefix="int", size=64)
-    manifest = tmp_path / "m.parquet"
-    write_manifest(rows, str(manifest))
-    out = tmp_path / "out"
-    cmd = [*CLI, "batch", "submit", str(manifest), "--output", str(out), "--loras", str(EXAMPLE_LORAS),
-           "--actors", "1", "--batch-size", "1", "--no-metrics"]
-    proc = subprocess.Popen(cmd, env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    rows, manifest, out, proc = _cli_run(tmp_path, "int")
     _wait_for_results(proc, out, 2)
     children = psutil.Process(proc.pid).children(recursive=True)
     proc.send_signal(signal.SIGINT)

@@ -169,14 +169,18 @@ def test_runtime_env_ships_the_project_and_forwards_the_environment(monkeypatch,
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://minio:9000")
     monkeypatch.setenv("AWS_CA_BUNDLE", "/only/here.pem")
     monkeypatch.setenv("HF_TOKEN", "t")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
     monkeypatch.setenv("UNRELATED", "x")
     rt = submit.make_runtime_env(env={"EXTRA": "1"})
     assert rt["working_dir"] == str(ROOT)
     assert {"/.venv", "/.git", "/tests", "/outputs"} <= set(rt["excludes"])
     env = rt["env_vars"]
-    assert env["AWS_ENDPOINT_URL"] == "http://minio:9000" and env["HF_TOKEN"] == "t" and env["EXTRA"] == "1"
+    assert env["AWS_ENDPOINT_URL"] == "http://minio:9000" and env["EXTRA"] == "1"
     assert env["DREAMRELATION_HOME"] == os.environ["DREAMRELATION_HOME"]
-    assert "AWS_CA_BUNDLE" not in env and "UNRELATED" not in env
+    assert not {"AWS_CA_BUNDLE", "UNRELATED", "HF_TOKEN", "AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID"} & set(env)
+    with pytest.raises(ValueError, match="secrets never travel.*AWS_SESSION_TOKEN"):
+        submit.make_runtime_env(env={"AWS_SESSION_TOKEN": "x"})
     # the package Ray uploads (built here by Ray's own packager, pinned Ray) holds the code and the example
     # manifest with its LoRAs, and no venv, git history or tests
     import zipfile

@@ -314,7 +314,7 @@ def test_a_small_evaluation_end_to_end(ray_local, runner, tmp_path):
     result = invoke(runner, *args, "--seed", 1)
     assert result.exit_code == 2 and "different cases" in result.output
     result = invoke(runner, *args, "--preset", "sdxl")  # so would other settings of a configuration
-    assert result.exit_code == 2 and "'base'" in result.output and "'preset': 'tiny'" in result.output
+    assert result.exit_code == 2 and "'base'" in result.output and "preset: 'tiny' in the run, 'sdxl' now" in result.output
 
 
 def test_cli_errors_before_running(runner, tmp_path):

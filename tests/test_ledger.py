@@ -156,6 +156,7 @@ def test_batch_validation_skips_done_rows_rejects_duplicates_and_numbers_rejecti
     import pyarrow as pa
 
     from batch.pipeline import ROW_HASH, BatchValidator, RowIndex, combine_rejections
+    from manifests.validation import Checks
     from manifests.io import MANIFEST_SCHEMA, read_manifest
 
     example = Path(__file__).resolve().parents[1] / "manifests" / "examples" / "example.parquet"
@@ -168,7 +169,7 @@ def test_batch_validation_skips_done_rows_rejects_duplicates_and_numbers_rejecti
     order = np.argsort(hashes)
     index = RowIndex(read=5, duplicates={3: (records[0]["row_id"], 0)}, hashes=hashes[order], numbers=order)
     out = str(tmp_path / "run")
-    validator = BatchValidator(str(example), out, "0001", str(example.parent / "loras"), True, index.duplicates,
+    validator = BatchValidator(str(example), out, "0001", str(example.parent / "loras"), Checks(), index.duplicates,
                                pa.array([records[1]["row_id"]]))  # row 1 is done
     accepted = validator(table)
     assert sorted(accepted["row_id"].to_pylist()) == sorted([records[0]["row_id"], records[2]["row_id"]])

@@ -10,6 +10,7 @@ import pytest
 from safetensors.numpy import save
 
 from manifests import storage
+from manifests.access import AccessPolicy
 from manifests.registry import WEIGHTS_NAME, LoRARegistry, UnknownRelationError, check_relation_id
 
 
@@ -72,6 +73,11 @@ def test_registry_file_takes_precedence_for_the_ids_it_names(root):
                            "pushing": "runs/pushing"}}
     storage.write_bytes_atomic(storage.join(root, "registry.json"), json.dumps(index).encode())
     reg.refresh()
+    # an entry outside the registry is refused by default (a registry.json must not point anywhere it likes)
+    assert not reg.has("kissing") and "outside the registry" in reg.problem("kissing")
+    with pytest.raises(UnknownRelationError, match="--allow-external-loras"):
+        reg.uri("kissing")
+    reg = LoRARegistry(root, AccessPolicy(allow_external_loras=True))
 
     assert reg.relations() == ["hugging", "kissing", "pushing", "riding"]
     assert reg.uri("hugging") == storage.join(root, "other", "hug.safetensors")
@@ -89,14 +95,15 @@ def test_registry_file_takes_precedence_for_the_ids_it_names(root):
 def test_unknown_relation_is_named_with_the_known_ones(root):
     reg = LoRARegistry(root)
     reg.register("riding", lora_bytes(0))
-    with pytest.raises(UnknownRelationError, match=r"relation 'kissing' has no LoRA.*known relations: \['riding'\]"):
+    with pytest.raises(UnknownRelationError, match=r"unknown relation 'kissing': no LoRA.*known relations: \['riding'\]"):
         reg.uri("kissing")
     with pytest.raises(ValueError, match="'kissing'"):  # UnknownRelationError is a ValueError
         reg.read_bytes("kissing")
     storage.write_bytes_atomic(storage.join(root, "registry.json"),
                                json.dumps({"relations": {"gone": "missing/x.safetensors"}}).encode())
     reg.refresh()
-    assert reg.has("gone")
+    assert not reg.has("gone")  # caught when rows are validated, not when an actor reaches the row
+    assert reg.problem("gone").endswith("missing/x.safetensors, which does not exist")
     with pytest.raises(UnknownRelationError, match="'gone'.*does not exist"):
         reg.read_bytes("gone")
 
@@ -112,7 +119,7 @@ def test_bad_relation_ids_are_rejected(bad, root):
 def test_empty_registry_and_bad_inputs(root, tmp_path):
     empty = LoRARegistry(None)
     assert empty.relations() == [] and not empty.has("riding")
-    with pytest.raises(UnknownRelationError, match="'riding' has no LoRA in the registry at None"):
+    with pytest.raises(UnknownRelationError, match="unknown relation 'riding': no LoRA registry was given"):
         empty.uri("riding")
     with pytest.raises(ValueError, match="no root"):
         empty.register("riding", lora_bytes(0))
