@@ -7,6 +7,9 @@ before any model is loaded; a model that cannot be loaded ends it with exit code
 
 from __future__ import annotations
 
+import os
+import sys
+
 import typer
 
 from commands.batch import batch_app
@@ -25,9 +28,10 @@ app = typer.Typer(
 
 
 @app.callback()
-def main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks with errors, and debug logs.")) -> None:
+def options(debug: bool = typer.Option(False, "--debug", help="Show tracebacks with errors, and debug logs "
+                                                            "(also: DREAMRELATION_DEBUG=1).")) -> None:
     """DreamRelation: relation-aware customized image generation (your subjects, acting out a relation)."""
-    if debug:
+    if debug or os.environ.get("DREAMRELATION_DEBUG", "") not in ("", "0"):
         import logging
 
         import commands.common
@@ -48,5 +52,28 @@ app.add_typer(data_app, name="data")
 app.add_typer(train_app, name="train")
 app.add_typer(cluster_app, name="cluster")
 
+def main() -> None:
+    """The ``dreamrelation`` command: the app (which handles bad options and the commands' own errors), with any
+    error a command did not handle still one line (exit 1; the traceback with ``--debug``)."""
+    import commands.common
+
+    try:
+        app()
+    except SystemExit:
+        raise
+    except KeyboardInterrupt:
+        typer.secho("error: interrupted", fg=typer.colors.RED, err=True)
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - the last resort
+        from manifests.errors import one_line
+
+        if commands.common.DEBUG:
+            import traceback
+
+            traceback.print_exc()
+        typer.secho(f"error: {one_line(exc)}", fg=typer.colors.RED, err=True)
+        sys.exit(1)
+
+
 if __name__ == "__main__":
-    app()
+    main()

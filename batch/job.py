@@ -29,6 +29,7 @@ from typing import Any
 
 
 from manifests import storage
+from manifests.errors import one_line
 from manifests.io import manifest_row_count, parquet_rows, write_table
 from manifests.lease import Lease, LeaseHeld
 from manifests.access import AccessPolicy
@@ -81,6 +82,7 @@ class JobConfig:
     max_row_cost: float | None = DEFAULT_MAX_ROW_COST  # megapixel-steps a row may ask for (None: no budget)
     lease_timeout: float = 300.0  # seconds without a heartbeat after which a lease may be stolen
     steal_lease: bool = False
+    create_bucket: bool = False  # an output bucket must exist unless this says to create it
 
     def worker_config(self) -> WorkerConfig:
         base = self.worker or WorkerConfig(output=self.output, preset=self.preset, loras=self.loras)
@@ -192,20 +194,6 @@ def _on_worker(fn: Callable, *args: Any) -> Any:
     return ray.get(_remote(fn, *args)) if ray.is_initialized() else fn(*args)
 
 
-def one_line(exc: BaseException) -> str:
-    """One line for an exception that may be wrapped by Ray: the innermost cause, its type and first line."""
-    seen = set()
-    while id(exc) not in seen:
-        seen.add(id(exc))
-        inner = getattr(exc, "cause", None) or exc.__cause__
-        if inner is None or inner is exc:
-            break
-        exc = inner
-    text = str(exc).strip().splitlines()
-    first = next((line for line in text if line.strip() and not line.startswith(("Traceback", "ray::"))), "")
-    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
-
-
 def _index_task(manifest: str) -> tuple[int, dict, pipeline.RowIndex]:
     index = pipeline.index_rows(manifest)
     return index.read, index.duplicates, index
@@ -243,7 +231,10 @@ def submit(config: JobConfig, progress: Callable[[int, int | None], None] | None
     read = manifest_row_count(config.manifest)
     lease = Lease(out, owner="starting", timeout=config.lease_timeout)
     try:
+        storage.check_bucket(out, create=config.create_bucket)
         stolen = lease.acquire(steal=config.steal_lease)
+    except FileNotFoundError:  # a mistyped bucket: the user's error, named
+        raise
     except LeaseHeld as e:
         raise JobError(str(e)) from None
     except Exception as e:  # noqa: BLE001 - storage down, no permission, a file where a folder should be

@@ -62,6 +62,27 @@ def batch_submit(
         help="Check on the workers, before a row runs, that its subject images exist and are images (a few bytes "
              "read per distinct image); off: bad ones become per-row errors.")] = True,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    max_image_pixels: Annotated[int, typer.Option(
+        help="Subject images with more pixels are rejected (read from their headers; never decoded).",
+        rich_help_panel="Untrusted input")] = 40_000_000,
+    max_row_cost: Annotated[float, typer.Option(
+        help="Rows asking for more megapixel-steps (width x height / 1e6 x steps x images) are rejected. The "
+             "paper's setting costs 31.", rich_help_panel="Untrusted input")] = 1000.0,
+    row_timeout: Annotated[Optional[float], typer.Option(
+        help="Seconds a row may take; a row over it becomes an error row (default: no limit).",
+        rich_help_panel="Untrusted input")] = None,
+    allow_http: Annotated[bool, typer.Option(
+        "--allow-http", help="Let rows name http(s):// subject images (public addresses only).",
+        rich_help_panel="Untrusted input")] = False,
+    allow_private_urls: Annotated[bool, typer.Option(
+        "--allow-private-urls", help="With --allow-http: also loopback, link-local and private addresses.",
+        rich_help_panel="Untrusted input")] = False,
+    allow_external_loras: Annotated[bool, typer.Option(
+        "--allow-external-loras", help="Let registry.json map relations to files outside the registry.",
+        rich_help_panel="Untrusted input")] = False,
+    create_bucket: Annotated[bool, typer.Option(
+        "--create-bucket", help="Create OUTPUT's bucket when it does not exist (else a missing bucket is an "
+                                "error: a typo never creates one).")] = False,
     min_clip_t: Annotated[Optional[float], typer.Option(
         help="Quality gate: minimum CLIP-T (x100) of an image; one under it is made again with its next seed.",
         rich_help_panel="Quality gate")] = None,
@@ -89,8 +110,11 @@ def batch_submit(
                         ("--lora-cache-size", lora_cache_size)):
         if value < 1:
             fail(f"{name} must be >= 1, got {value}")
-    if not (math.isfinite(lease_timeout) and lease_timeout > 0):
-        fail(f"--lease-timeout must be a positive number of seconds, got {lease_timeout}")
+    for name, value in (("--lease-timeout", lease_timeout), ("--max-row-cost", max_row_cost),
+                        ("--row-timeout", row_timeout if row_timeout is not None else 1.0),
+                        ("--max-image-pixels", max_image_pixels)):
+        if not (math.isfinite(value) and value > 0):
+            fail(f"{name} must be a positive number, got {value}")
     from manifests.schema import GateSpec
 
     try:
@@ -101,21 +125,24 @@ def batch_submit(
     logging.basicConfig(level=logging.WARNING)
     from batch.job import JobConfig, JobError, JobInterrupted, submit
     from batch.worker import WorkerConfig
-    from manifests.io import ManifestError
-    from manifests.run_record import RunMismatch
+    from manifests.access import AccessPolicy
+    from manifests.errors import one_line
 
     if loras is None:
         loras = _default_loras(manifest)
     try:
         worker = WorkerConfig(output=output, preset=preset, loras=loras, device=device, metrics=metrics,
                               max_batch_images=max_batch_images, lora_cache_size=lora_cache_size, gate=gate,
-                              local_encoder=local_encoder)
+                              local_encoder=local_encoder, max_image_pixels=max_image_pixels, row_timeout=row_timeout,
+                              access=AccessPolicy(allow_http=allow_http, allow_private_urls=allow_private_urls,
+                                                  allow_external_loras=allow_external_loras))
     except ValueError as exc:  # a gate without metrics
         fail(str(exc))
     config = JobConfig(manifest=manifest, output=output, worker=worker, preset=preset, loras=loras, actors=actors,
                        gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, batch_size=batch_size,
                        address=address, resume=resume, retry_errors=retry_errors, new_attempt=new_attempt,
-                       check_images=check_images, lease_timeout=lease_timeout, steal_lease=steal_lease)
+                       check_images=check_images, lease_timeout=lease_timeout, steal_lease=steal_lease,
+                       max_row_cost=max_row_cost, create_bucket=create_bucket)
     quiet_ray_logs()
     bar, progress = progress_bar("row", "generating")
     previous = signal.signal(signal.SIGTERM, _interrupt)  # a stop (cluster stop, kill) ends like Ctrl-C
@@ -128,13 +155,11 @@ def batch_submit(
         typer.secho(f"interrupted: attempt {attempt['attempt_id']} stopped; its record and run.json are written. "
                     f"Resume: submit the same command again.", fg=typer.colors.YELLOW, err=True)
         raise typer.Exit(code=130)
-    except (ManifestError, FileNotFoundError, RunMismatch) as exc:
+    except (ValueError, FileNotFoundError) as exc:  # ManifestError, RunMismatch, a malformed registry.json, ...
         fail(str(exc))
     except JobError as exc:
         fail(str(exc), code=1)
     except Exception as exc:  # noqa: BLE001 - anything else is still one line (the traceback with --debug)
-        from batch.job import one_line
-
         fail(one_line(exc), code=1)
     finally:
         bar.close()

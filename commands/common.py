@@ -7,7 +7,7 @@ from typing import Any, Callable, NoReturn
 import typer
 
 
-DEBUG = False  # `dreamrelation --debug ...`: tracebacks with errors, and debug logging
+DEBUG = False  # `dreamrelation --debug ...` or DREAMRELATION_DEBUG=1: tracebacks with errors, and debug logging
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -19,7 +19,9 @@ def fail(message: str, code: int = 2) -> NoReturn:
 
         if sys.exc_info()[0] is not None:
             traceback.print_exc()
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    from manifests.errors import printable
+
+    typer.secho(f"error: {printable(message)}", fg=typer.colors.RED, err=True)  # one line, whatever came in
     raise typer.Exit(code=code)
 
 

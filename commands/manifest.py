@@ -18,25 +18,39 @@ def manifest_validate(
     uri: Annotated[str, typer.Argument(help="Parquet manifest (path or fsspec URL).")],
     loras: Annotated[Optional[str], typer.Option(help="LoRA registry root: rows with an unknown relation are "
                                                       "reported.")] = None,
-    check_images: Annotated[bool, typer.Option(help="Check that subject images exist and are images.")] = True,
+    check_images: Annotated[bool, typer.Option(help="Check that subject images exist and are images within the "
+                                                    "pixel cap (their headers only).")] = True,
+    max_image_pixels: Annotated[int, typer.Option(help="The pixel cap of subject images.")] = 40_000_000,
+    max_row_cost: Annotated[float, typer.Option(help="The row budget, in megapixel-steps (width x height / 1e6 x "
+                                                     "steps x images).")] = 1000.0,
+    allow_http: Annotated[bool, typer.Option("--allow-http", help="Accept http(s):// subject images.")] = False,
+    allow_private_urls: Annotated[bool, typer.Option("--allow-private-urls", help="... also at private, "
+                                                     "loopback and link-local addresses.")] = False,
+    allow_external_loras: Annotated[bool, typer.Option("--allow-external-loras", help="Accept registry.json "
+                                                       "entries outside the registry.")] = False,
 ) -> None:
     """Print a per-row report (OK or the field and reason); exit 1 when any row is rejected.
 
-    Streams: memory holds the row_id column and one batch of rows, whatever the manifest's size."""
+    The same checks as `batch submit`, with the same options. Streams: memory holds the row_id column and one
+    batch of rows, whatever the manifest's size."""
+    from manifests.access import AccessPolicy
     from manifests.io import ManifestError, ReportTotals, iter_validated, manifest_row_count, report_line
-    from manifests.registry import LoRARegistry
-    from manifests.validation import check_image_file
+    from manifests.validation import Checks
 
+    for name, value in (("--max-image-pixels", max_image_pixels), ("--max-row-cost", max_row_cost)):
+        if not value > 0:
+            fail(f"{name} must be a positive number, got {value}")
+    checks = Checks(check_images=check_images, max_image_pixels=max_image_pixels, max_row_cost=max_row_cost,
+                    access=AccessPolicy(allow_http=allow_http, allow_private_urls=allow_private_urls,
+                                        allow_external_loras=allow_external_loras))
     try:
         total = manifest_row_count(uri)
-        registry = LoRARegistry(loras) if loras else None
         width = len(str(max(total - 1, 0)))
         totals = ReportTotals()
-        for index, item in iter_validated(uri, check_image=check_image_file if check_images else None,
-                                          known_relations=registry.has if registry else None):
+        for index, item in iter_validated(uri, checks.validator(uri, loras, relations=loras is not None)):
             totals.add(item)
             typer.echo(report_line(index, item, width))
-    except ManifestError as exc:
+    except (ManifestError, ValueError) as exc:  # a bad file, a malformed registry.json
         fail(str(exc))
     typer.echo(totals.line())
     if totals.rejected:

@@ -402,11 +402,16 @@ def manifest_from_records(path: str) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------------------------------------- reports
 
 def report_line(index: int, item: GenerationRow | Rejection, width: int = 0) -> str:
-    """One row of the ``manifest validate`` report: OK and what it makes, or REJECTED with the field and reason."""
+    """One row of the ``manifest validate`` report: OK and what it makes, or REJECTED with the field and reason.
+    What came from the manifest is shown with its control characters escaped (no terminal escape sequences)."""
+    from manifests.errors import printable
+
     if isinstance(item, Rejection):
-        return f"row {index:>{width}}  {item.row_id or '-'}  REJECTED {item.field}: {item.reason} (value: {item.value})"
-    return (f"row {index:>{width}}  {item.row_id}  OK  relation={item.relation or '-'} subjects={len(item.subjects)} "
-            f"images={item.num_images} {item.width}x{item.height}")
+        line = f"row {index:>{width}}  {item.row_id or '-'}  REJECTED {item.field}: {item.reason} (value: {item.value})"
+    else:
+        line = (f"row {index:>{width}}  {item.row_id}  OK  relation={item.relation or '-'} "
+                f"subjects={len(item.subjects)} images={item.num_images} {item.width}x{item.height}")
+    return printable(line)
 
 
 class ReportTotals:
@@ -471,10 +476,11 @@ def _iter_record_batches(uri: str, columns: list[str] | None = None, batch_rows:
                 yield batch
 
 
-def iter_validated(uri: str, check_image: ImageCheck | None = None, known_relations: KnownRelations | None = None,
-                   batch_rows: int = 4096) -> Iterator[tuple[int, GenerationRow | Rejection]]:
-    """Validate the manifest at ``uri`` streaming, in manifest order: ``(row number, row or rejection)``. Memory
-    holds the ``row_id`` column (for duplicates) and one batch, whatever the manifest's size."""
+def iter_validated(uri: str, validator: RowValidator, batch_rows: int = 4096
+                   ) -> Iterator[tuple[int, GenerationRow | Rejection]]:
+    """Validate the manifest at ``uri`` streaming with ``validator`` (its checks; relative image paths resolve
+    against the manifest), in manifest order: ``(row number, row or rejection)``. Memory holds the ``row_id``
+    column (for duplicates) and one batch, whatever the manifest's size."""
     import pyarrow.compute as pc
 
     from manifests.validation import duplicate_rejection
@@ -490,7 +496,6 @@ def iter_validated(uri: str, check_image: ImageCheck | None = None, known_relati
             for pos in pc.indices_nonzero(pc.is_in(ids, value_set=repeated)).to_pylist():
                 first.setdefault(ids[pos].as_py(), pos)
     del ids
-    validator = RowValidator(check_image, known_relations, base_uri=uri)
     index = 0
     for batch in _iter_record_batches(uri, batch_rows=batch_rows):
         todo, out = [], {}

@@ -98,9 +98,7 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    else:
-        if parent and not fs.exists(parent):
-            fs.makedirs(parent, exist_ok=True)
+    else:  # object stores have no folders: nothing to create (and a missing bucket is never created by a write)
         fs.pipe_file(path, data)
 
 
@@ -111,6 +109,27 @@ def remove(uri: str) -> None:
         fs.rm_file(path)
     except FileNotFoundError:
         pass
+
+
+BUCKET_STORES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")
+
+
+def check_bucket(uri: str, create: bool = False) -> None:
+    """For an object-store ``uri``: its bucket must exist (``FileNotFoundError`` naming it), unless ``create``, which
+    creates it. A typo in a bucket name then fails at once instead of creating a new bucket. Other URIs: nothing."""
+    if "://" not in str(uri):
+        return
+    scheme = str(uri).split("://", 1)[0].lower()
+    if scheme not in BUCKET_STORES:
+        return
+    fs, path = filesystem(uri)
+    bucket = path.strip("/").split("/", 1)[0]
+    fs.invalidate_cache(bucket)
+    if fs.exists(bucket):
+        return
+    if not create:
+        raise FileNotFoundError(f"{uri}: bucket {bucket!r} does not exist; create it, or pass --create-bucket")
+    fs.mkdir(bucket)
 
 
 def list_files(uri: str, suffix: str = "") -> list[str]:

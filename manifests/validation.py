@@ -243,12 +243,13 @@ class Checks:
     max_row_cost: Optional[float] = None  # megapixel-steps (row_cost); None: no budget
     access: AccessPolicy = field(default_factory=AccessPolicy)
 
-    def validator(self, base_uri: str | None, loras: str | None) -> "RowValidator":
-        """A :class:`RowValidator` with these checks, relations looked up in the registry at ``loras``."""
+    def validator(self, base_uri: str | None, loras: str | None, relations: bool = True) -> "RowValidator":
+        """A :class:`RowValidator` with these checks, relations looked up in the registry at ``loras`` (not at all
+        with ``relations=False``: ``manifest validate`` without ``--loras``)."""
         image_check = functools.partial(check_image_file, max_pixels=self.max_image_pixels)
-        return RowValidator(image_check if self.check_images else None, base_uri=base_uri,
-                            relation_problem=LoRARegistry(loras, self.access).problem, access=self.access,
-                            max_row_cost=self.max_row_cost)
+        problem = LoRARegistry(loras, self.access).problem if relations else None
+        return RowValidator(image_check if self.check_images else None, base_uri=base_uri, relation_problem=problem,
+                            access=self.access, max_row_cost=self.max_row_cost)
 
 
 def row_cost(row: GenerationRow) -> float:
