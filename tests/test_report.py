@@ -5,7 +5,6 @@ error reason, with a summary table and the sort control."""
 from __future__ import annotations
 
 import html
-import json
 import shutil
 from pathlib import Path
 
