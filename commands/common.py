@@ -19,9 +19,9 @@ def fail(message: str, code: int = 2) -> NoReturn:
 
         if sys.exc_info()[0] is not None:
             traceback.print_exc()
-    from manifests.errors import printable
+    from manifests.errors import printable, redact
 
-    typer.secho(f"error: {printable(message)}", fg=typer.colors.RED, err=True)  # one line, whatever came in
+    typer.secho(f"error: {printable(redact(message))}", fg=typer.colors.RED, err=True)  # one line, no URL secrets
     raise typer.Exit(code=code)
 
 

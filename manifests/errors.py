@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
 
 
@@ -24,7 +25,12 @@ def one_line(exc: BaseException) -> str:
         exc = inner
     text = str(exc).strip().splitlines()
     first = next((line for line in text if line.strip() and not line.startswith(("Traceback", "ray::"))), "")
-    return printable(f"{type(exc).__name__}: {first}" if first else type(exc).__name__)
+    return printable(redact(f"{type(exc).__name__}: {first}" if first else type(exc).__name__))
+
+
+def redact(text: str) -> str:
+    """``text`` with the user-info part of any URL in it hidden (``s3://KEY:SECRET@host/x`` -> ``s3://***@host/x``)."""
+    return _USERINFO.sub(r"\1***@", text)
 
 
 def printable(text: str) -> str:

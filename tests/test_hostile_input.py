@@ -310,6 +310,15 @@ def test_secrets_never_enter_a_runtime_environment(monkeypatch):
     assert not [k for k in ray_init_args("ray://head:10001")["runtime_env"]["env_vars"] if is_secret(k)]
 
 
+def test_error_lines_hide_url_credentials_and_control_characters():
+    from manifests.errors import one_line, printable
+
+    line = one_line(RuntimeError(f"cannot open s3://{CANARY_KEY_ID}:{CANARY_SECRET}@bucket/x\x1b[2J\nmore"))
+    assert CANARY_SECRET not in line and CANARY_KEY_ID not in line and "s3://***@bucket/x" in line
+    assert "\x1b" not in line and "\n" not in line
+    assert printable("a\rb\tc\u2028") == "a\\x0db\\tc\\u2028"
+
+
 def _files_with(needles: list[str], roots: list[Path]) -> list[str]:
     hits = []
     for root in roots:
