@@ -107,6 +107,7 @@ class EvalConfig:
     height: int = 1024
     num_images: int = 1
     allow_missing: bool = False  # rows whose relation has no LoRA run without one (recorded) instead of failing
+    allow_external_loras: bool = False  # registry.json entries may name files outside their registry
     actors: int = 1
     batch_size: int = 4
     max_batch_images: int = 4
@@ -183,15 +184,16 @@ def plan(config: EvalConfig) -> tuple[list[GenerationRow], list[PlannedRun]]:
             conf = replace(conf, loras=root)
             has = lambda r, known=frozenset(registry_file): r in known  # noqa: E731
             where = f"{weights} (one LoRA, relation {relation!r})"
+            why = lambda r: "not in it"  # noqa: E731
         else:
-            registry = LoRARegistry(conf.loras)
-            has, where = registry.has, f"the LoRA registry at {conf.loras!r}"
+            registry = LoRARegistry(conf.loras, access=AccessPolicy(allow_external_loras=config.allow_external_loras))
+            has, where, why = registry.has, f"the LoRA registry at {conf.loras!r}", registry.problem
         missing = sorted(r for r in needed if not has(r))
         if missing and not config.allow_missing:
-            known = sorted(registry_file) if registry_file else LoRARegistry(conf.loras).relations()
+            reasons = "; ".join(why(r) for r in missing[:3]) + ("; ..." if len(missing) > 3 else "")
             raise ValueError(
-                f"config {conf.name!r}: {where} has no LoRA for relation(s) {missing} "
-                f"({sum(needed[r] for r in missing)} of {len(cases)} cases); it holds {known}. Train them "
+                f"config {conf.name!r}: {where} has no usable LoRA for relation(s) {missing} "
+                f"({sum(needed[r] for r in missing)} of {len(cases)} cases): {reasons}. Train them "
                 "(`dreamrelation train relations`), keep only covered cases with --relations, or pass "
                 "--allow-missing to run those rows without a LoRA")
         rows = [r.model_copy(update={"relation": None}) if r.relation in missing else r for r in cases]
@@ -252,7 +254,8 @@ def job_config(config: EvalConfig, run: PlannedRun, manifest: str):
     worker = WorkerConfig(output=run.output, preset=config.preset, loras=conf.loras, device=config.device,
                           max_batch_images=config.max_batch_images, use_local_tokens=conf.use_local_tokens,
                           # a single LoRA folder runs through a registry.json the evaluation writes itself
-                          access=AccessPolicy(allow_external_loras=run.registry_file is not None))
+                          access=AccessPolicy(allow_external_loras=config.allow_external_loras
+                                              or run.registry_file is not None))
     return JobConfig(manifest=manifest, output=run.output, worker=worker, preset=config.preset, loras=conf.loras,
                      actors=config.actors, gpus_per_actor=config.gpus_per_actor, cpus_per_actor=config.cpus_per_actor,
                      batch_size=config.batch_size, address=config.address, resume=config.resume,

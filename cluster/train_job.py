@@ -19,7 +19,7 @@ from typing import Any
 
 from manifests import storage
 from manifests.registry import LoRARegistry
-from manifests.runtime import ray_init_args
+from manifests.runtime import is_secret, ray_init_args
 from manifests.triplets import read_triplets
 
 logger = logging.getLogger(__name__)
@@ -150,6 +150,16 @@ def tune_trial(params: dict) -> None:
                  "resumed_from": out["resumed_from"]})
 
 
+def keep_secrets_out_of_tune() -> None:
+    """Ray Tune copies ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/``AWS_SESSION_TOKEN`` from the driver into
+    every trial's runtime environment, which Ray writes into ``runtime_env_agent.log``. Drop every secret from the
+    list it copies: a local Ray's trials inherit the driver's environment anyway, and on a cluster credentials come
+    from the nodes (``docs/cluster.md``)."""
+    from ray.tune.execution import class_cache
+
+    class_cache.ENV_VARS_TO_PROPAGATE = {v for v in class_cache.ENV_VARS_TO_PROPAGATE if not is_secret(v)}
+
+
 def _ddp_loop(job: dict) -> None:
     """TorchTrainer worker: every rank trains on its own draws; LoRA gradients are averaged (gloo or NCCL)."""
     import torch.distributed as dist
@@ -226,6 +236,7 @@ def run(config: TrainJobConfig) -> dict[str, Any]:
 
     from ray import tune
 
+    keep_secrets_out_of_tune()
     trainable = tune.with_resources(tune_trial, {"cpu": cpus, "gpu": gpus})
     run_path = storage.join(path, config.name)
     param_space = {"relation": tune.grid_search(list(config.relations)), "job": job}

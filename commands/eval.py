@@ -33,6 +33,8 @@ def eval_relationbench(
     allow_missing: Annotated[bool, typer.Option(
         "--allow-missing", help="Run cases whose relation has no LoRA in a configuration without one (recorded) "
                                 "instead of failing before the run.")] = False,
+    allow_external_loras: Annotated[bool, typer.Option(
+        "--allow-external-loras", help="Let a registry.json map relations to files outside its registry.")] = False,
     preset: Annotated[str, typer.Option(help="'tiny' (noise images), 'sdxl' or a model folder.")] = "tiny",
     steps: Annotated[int, typer.Option(help="Denoising steps per image.")] = 30,
     size: Annotated[int, typer.Option(help="Image width and height (a multiple of 8).")] = 1024,
@@ -60,7 +62,8 @@ def eval_relationbench(
     ids = None if relations is None else tuple(r.strip() for r in relations.split(",") if r.strip())
     cfg = EvalConfig(subjects_dir=subjects_dir, output=output, configs=tuple(config), loras=loras, n_single=n_single,
                      n_multi=n_multi, seed=seed, relations=ids, preset=preset, steps=steps, width=size, height=size,
-                     num_images=num_images, allow_missing=allow_missing, actors=actors, batch_size=batch_size,
+                     num_images=num_images, allow_missing=allow_missing,
+                     allow_external_loras=allow_external_loras, actors=actors, batch_size=batch_size,
                      gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, device=device, address=address,
                      resume=resume)
     logging.basicConfig(level=logging.WARNING)

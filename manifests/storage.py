@@ -125,8 +125,11 @@ def check_bucket(uri: str, create: bool = False) -> None:
     fs, path = filesystem(uri)
     bucket = path.strip("/").split("/", 1)[0]
     fs.invalidate_cache(bucket)
-    if fs.exists(bucket):
+    try:  # not exists(): it answers False for an unreachable store too, which would blame a good bucket name
+        fs.info(bucket)
         return
+    except FileNotFoundError:
+        pass
     if not create:
         raise FileNotFoundError(f"{uri}: bucket {bucket!r} does not exist; create it, or pass --create-bucket")
     fs.mkdir(bucket)

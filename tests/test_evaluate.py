@@ -109,6 +109,15 @@ def test_plan_checks_every_needed_lora_before_running(tmp_path):
     with pytest.raises(ValueError, match="one LoRA, relation 'hugging'.*'shaking_hands'"):
         plan(_config(tmp_path, configs=(f"hug={EXAMPLE_LORAS / 'hugging'}",), n_single=0, n_multi=2,
                      relations=("hugging", "shaking_hands")))
+    # a registry.json entry outside its registry is refused, with the reason, unless --allow-external-loras
+    external = alias_registry(tmp_path / "alias", ["hugging"])
+    conf = dict(configs=("lora",), loras=external, n_single=0, n_multi=1, relations=("hugging",))
+    with pytest.raises(ValueError, match="outside the registry .allowed with --allow-external-loras"):
+        plan(_config(tmp_path, **conf))
+    _, (aliased,) = plan(_config(tmp_path, allow_external_loras=True, **conf))
+    assert [r.relation for r in aliased.rows] == ["hugging"] and aliased.without_lora == ()
+    assert job_config(_config(tmp_path, allow_external_loras=True, **conf), aliased,
+                      "m.parquet").worker_config().access.allow_external_loras
     with pytest.raises(ValueError, match="holds no subject images"):
         plan(EvalConfig(subjects_dir=str(tmp_path), output=str(tmp_path / "o"), configs=("base",)))
 
@@ -239,7 +248,7 @@ def test_a_small_evaluation_end_to_end(ray_local, runner, tmp_path):
                                                 "partner_dancing"])
     out = tmp_path / "eval"
     args = ["eval", "relationbench", SUBJECTS, "--config", "base", "--config", "lora", "--loras", loras,
-            "--output", out, "--n-single", 2, "--n-multi", 2, "--steps", 2, "--size", 64]
+            "--allow-external-loras", "--output", out, "--n-single", 2, "--n-multi", 2, "--steps", 2, "--size", 64]
     result = invoke(runner, *args)
     assert result.exit_code == 0, result.output
     assert "| base |" in result.output and "| lora |" in result.output

@@ -13,7 +13,6 @@ import io
 import json
 import os
 import pickle
-import resource
 import struct
 import subprocess
 import sys
@@ -139,11 +138,13 @@ def test_a_decompression_bomb_is_refused_from_its_header_and_never_decoded(tmp_p
     row = base_row()
     row["subjects"] = [{**row["subjects"][0], "image": str(bomb)}] * 8  # one valid row naming it 8 times
     manifest = write_rows(tmp_path / "m.parquet", [row])
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    r = validate(manifest)
-    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    assert r.returncode == 1 and "REJECTED subjects.0.image" in r.stdout and "13000x13000" in r.stdout
-    assert max(before, peak_kb) < 1024 * 1024, f"peak {peak_kb} KB"  # under 1 GB (the bomb decodes to 169 MB)
+    # the peak of this one process tree (wait4), not RUSAGE_CHILDREN: that is the largest child of the whole session
+    proc = subprocess.Popen([*CLI, "manifest", "validate", str(manifest)], stdout=subprocess.PIPE, text=True)
+    stdout = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    assert proc.returncode == 1 and "REJECTED subjects.0.image" in stdout and "13000x13000" in stdout
+    assert usage.ru_maxrss < 1024 * 1024, f"peak {usage.ru_maxrss} KB"  # under 1 GB (the bomb decodes to 169 MB)
     # a raised cap lets a large (but real) image through; the decoder enforces the same cap
     assert check_image_file(str(bomb), max_pixels=200_000_000) is None
     from batch.worker import decode_subject
@@ -308,6 +309,25 @@ def test_secrets_never_enter_a_runtime_environment(monkeypatch):
     assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "HF_TOKEN"} & set(env) == set()
     assert "runtime_env" not in ray_init_args(None)  # a local Ray inherits the environment: nothing to log
     assert not [k for k in ray_init_args("ray://head:10001")["runtime_env"]["env_vars"] if is_secret(k)]
+
+
+def test_ray_tune_trials_get_no_credentials_in_their_runtime_environment(monkeypatch):
+    """Ray Tune copies AWS_ACCESS_KEY_ID/SECRET/SESSION_TOKEN into each trial's runtime environment (and so into
+    runtime_env_agent.log); the training job drops them before building its Tuner."""
+    from ray.tune.execution.class_cache import _ActorClassCache
+
+    from cluster.train_job import keep_secrets_out_of_tune
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", CANARY_KEY_ID)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", CANARY_SECRET)
+
+    class Trial:
+        pass
+
+    keep_secrets_out_of_tune()
+    env_vars = _ActorClassCache().get(Trial)._default_options["runtime_env"]["env_vars"]
+    assert env_vars and not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"} & set(env_vars)
+    assert CANARY_SECRET not in json.dumps(env_vars) and CANARY_KEY_ID not in json.dumps(env_vars)
 
 
 def test_error_lines_hide_url_credentials_and_control_characters():
