@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import html
 import io
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -46,7 +45,8 @@ def _index(cells: Sequence[dict[str, Any]], *fields: str) -> dict[tuple, dict[st
 def tables_markdown(cells: Sequence[dict[str, Any]], configs: Sequence[str], counts: dict[str, dict[str, dict]],
                     without_lora: dict[str, list[str]] | None = None) -> str:
     """The Table 2 layout: one row per configuration; per kind (single | multi) CLIP-T, CLIP-R, CLIP-I, DINO as
-    ``mean [95% CI]`` and the number of images; the best mean of each column in bold."""
+    ``mean [95% CI]`` and the number of images; the best mean of each column in bold when one configuration is
+    ahead (a tie bolds nothing)."""
     index = _index(cells, "config", "kind", "metric")
     kinds = [k for k in KINDS if any(c["kind"] == k for c in cells)]
     header = ["Configuration"]
@@ -56,9 +56,10 @@ def tables_markdown(cells: Sequence[dict[str, Any]], configs: Sequence[str], cou
     best = {}
     for kind in kinds:
         for m in METRICS:
-            means = [index[(c, kind, m)]["mean"] for c in configs if (c, kind, m) in index]
-            if len(means) > 1:
-                best[(kind, m)] = max(means)
+            means = sorted((index[(c, kind, m)]["mean"] for c in configs if (c, kind, m) in index
+                            and index[(c, kind, m)]["mean"] is not None), reverse=True)
+            if len(means) > 1 and means[0] > means[1]:  # a real maximum: one configuration ahead, not a tie
+                best[(kind, m)] = means[0]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for conf in configs:
         row = [conf]
@@ -71,7 +72,7 @@ def tables_markdown(cells: Sequence[dict[str, Any]], configs: Sequence[str], cou
             row.append(str(max(n)) if n else "0")
         lines.append("| " + " | ".join(row) + " |")
     notes = ["", "Mean over images (metrics x100), 95% percentile bootstrap interval in brackets, n images; the best "
-             "mean of a column in bold. Error rows are left out of the means:"]
+             "mean of a column in bold (none on a tie). Error rows are left out of the means:"]
     for conf in configs:
         per = counts.get(conf, {})
         parts = [f"{kind} {per[kind]['ok']}/{per[kind]['cases']} ok, {per[kind]['error']} error, "
@@ -137,17 +138,6 @@ def plot_metric(cells: Sequence[dict[str, Any]], metric: str, configs: Sequence[
     return buf.getvalue()
 
 
-def href(uri: str, base: str) -> str:
-    """``uri`` as a link from a page in folder ``base``: relative under ``base`` or between local paths, else the
-    store URL unchanged."""
-    root = str(base).rstrip("/")
-    if uri.startswith(root + "/"):
-        return uri[len(root) + 1:]
-    if "://" not in uri and "://" not in root:
-        return os.path.relpath(uri, root)
-    return uri
-
-
 def _metrics_line(result: dict[str, Any], k: int) -> str:
     parts = []
     for m in METRICS:
@@ -165,12 +155,12 @@ def gallery_html(output: str, configs: Sequence[str], cases: Sequence[Generation
     e = html.escape
     by_config = {c: {r["row_id"]: r for r in results.get(c, [])} for c in configs}
     head = "".join(
-        f'<th>{e(c)}<br><small><a href="{e(href(storage.join(output, "runs", c, "report.html"), output))}">run '
+        f'<th>{e(c)}<br><small><a href="{e(storage.href(storage.join(output, "runs", c, "report.html"), output))}">run '
         f'report</a>{"<br>no LoRA for " + e(", ".join(without_lora[c])) if c in (without_lora or {}) else ""}'
         f'</small></th>' for c in configs)
     rows = []
     for case in cases:
-        thumbs = "".join(f'<img class="thumb" src="{e(href(s.image, output))}" title="{e(s.phrase)}">'
+        thumbs = "".join(f'<img class="thumb" src="{e(storage.href(s.image, output))}" title="{e(s.phrase)}">'
                          for s in case.subjects)
         cells = [f'<td class="case"><b>{e(case.row_id)}</b> · {e(case_kind(case))} · <i>{e(case.relation or "")}'
                  f'</i><br>{e(case.prompt)}<br>{thumbs}<br><small>'
@@ -183,7 +173,7 @@ def gallery_html(output: str, configs: Sequence[str], cases: Sequence[Generation
                 cells.append(f'<td class="error">error: {e(res.get("error") or "")}</td>')
             else:
                 cells.append("<td>" + "".join(
-                    f'<figure><a href="{e(href(u, output))}"><img src="{e(href(u, output))}" loading="lazy"></a>'
+                    f'<figure><a href="{e(storage.href(u, output))}"><img src="{e(storage.href(u, output))}" loading="lazy"></a>'
                     f'<figcaption>{e(_metrics_line(res, k))}</figcaption></figure>'
                     for k, u in enumerate(res.get("images") or [])) + "</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")

@@ -61,11 +61,11 @@ def parse_configuration(spec: str, loras: str | None) -> Configuration:
     text = str(spec).strip()
     if "=" not in text:
         if text not in SWITCHES:
-            raise ValueError(f"config must be one of {list(SWITCHES)} or NAME=URI[:{NO_LOCAL_TOKENS}], got {spec!r}")
+            raise ValueError(f"--config must be one of {list(SWITCHES)} or NAME=URI[:{NO_LOCAL_TOKENS}], got {spec!r}")
         if text == BASE:
             return Configuration(BASE, None)
         if not loras:
-            raise ValueError(f"config {text!r} needs a LoRA registry: pass --loras URI (loras is {loras!r})")
+            raise ValueError(f"--config {text!r} needs a LoRA registry: pass --loras URI (--loras is {loras!r})")
         return Configuration(text, str(loras), use_local_tokens=text != NO_LOCAL_TOKENS)
     name, uri = (part.strip() for part in text.split("=", 1))
     check_key(name, f"config name in {spec!r}")
@@ -73,19 +73,19 @@ def parse_configuration(spec: str, loras: str | None) -> Configuration:
     if uri.endswith(f":{NO_LOCAL_TOKENS}"):
         uri, local = uri[: -len(NO_LOCAL_TOKENS) - 1], False
     if not uri:
-        raise ValueError(f"config {spec!r} must name a LoRA registry or folder after '=', got nothing")
+        raise ValueError(f"--config {spec!r} must name a LoRA registry or folder after '=', got nothing")
     return Configuration(name, uri, use_local_tokens=local)
 
 
 def parse_configurations(specs: Sequence[str], loras: str | None) -> list[Configuration]:
     """Every ``--config``, in order; names must be unique."""
     if not specs:
-        raise ValueError(f"configs must name at least one configuration (e.g. {BASE!r}, {LORA!r}), got {specs!r}")
+        raise ValueError(f"--config must name at least one configuration (e.g. {BASE!r}, {LORA!r}), got {specs!r}")
     configs = [parse_configuration(s, loras) for s in specs]
     seen = Counter(c.name for c in configs)
     dups = sorted(n for n, k in seen.items() if k > 1)
     if dups:
-        raise ValueError(f"configs must have distinct names, got {dups} more than once in {list(specs)!r}")
+        raise ValueError(f"--config must have distinct names, got {dups} more than once in {list(specs)!r}")
     return configs
 
 
@@ -161,12 +161,12 @@ def plan(config: EvalConfig) -> tuple[list[GenerationRow], list[PlannedRun]]:
     configs = parse_configurations(config.configs, config.loras)
     subjects = subjects_from_dir(config.subjects_dir)
     if not subjects:
-        raise ValueError(f"subjects_dir {config.subjects_dir!r} holds no subject images (.png, .jpg, .jpeg, .webp)")
+        raise ValueError(f"SUBJECTS_DIR {config.subjects_dir!r} holds no subject images (.png, .jpg, .jpeg, .webp)")
     cases = build_cases(subjects, n_single=config.n_single, n_multi=config.n_multi, seed=config.seed,
                         width=config.width, height=config.height, steps=config.steps,
                         num_images=config.num_images, relations=config.relations)
     if not cases:
-        raise ValueError("n_single and n_multi are both 0: no case to evaluate")
+        raise ValueError("--n-single and --n-multi are both 0: no case to evaluate")
     needed = Counter(r.relation for r in cases)
     runs = []
     for conf in configs:
@@ -210,7 +210,7 @@ def _prepare_output(config: EvalConfig, cases: list[GenerationRow], runs: list[P
     cases_uri = storage.join(config.output, CASES_FILE)
     have_cases = storage.exists(cases_uri)
     if have_cases and table_to_rows(read_table(cases_uri)) != cases:
-        raise ValueError(f"output {config.output!r} already holds different cases ({cases_uri}: other seed, "
+        raise ValueError(f"--output {config.output!r} already holds different cases ({cases_uri}: other seed, "
                          "counts, subjects, relations, size or steps); use a new --output")
     # base, or --allow-missing: the cases with some relations nulled, in a manifest of their own
     manifests = {r.configuration.name: cases_uri if list(r.rows) == cases

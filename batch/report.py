@@ -77,8 +77,8 @@ def _fmt(v: float | None) -> str:
 
 
 def render_report(output: str) -> str:
-    """Write ``{output}/report.html`` (one card per image: prompt, relation, subjects, metrics; sortable) and
-    return its URI."""
+    """Write ``{output}/report.html`` (one card per image: prompt, relation, the subjects' reference images, boxes,
+    metrics; sortable) and return its URI."""
     run, results = load_run(output, limit=REPORT_ROWS)
     manifest_rows = run_rows(output, run, results)
     st = status(output)
@@ -93,6 +93,10 @@ def render_report(output: str) -> str:
             f'<span class="box" style="left:{100 * s.box[0]:.1f}%;top:{100 * s.box[1]:.1f}%;'
             f'width:{100 * (s.box[2] - s.box[0]):.1f}%;height:{100 * (s.box[3] - s.box[1]):.1f}%">'
             f'{html.escape(s.phrase)}</span>' for s in (row.subjects if row else []))
+        references = "".join(  # the subject images the row asked for, as the reader's reference
+            f'<a href="{html.escape(storage.href(s.image, output))}"><img class="ref" '
+            f'src="{html.escape(storage.href(s.image, output))}" title="{html.escape(s.phrase)}" '
+            f'alt="{html.escape(s.phrase)}" loading="lazy"></a>' for s in (row.subjects if row else []))
         for k, uri in enumerate(r["images"]):
             rel = uri[len(output.rstrip("/")) + 1:] if uri.startswith(output.rstrip("/")) else uri
             vals = {m: (r.get(m) or [None] * (k + 1))[k] if k < len(r.get(m) or []) else None for m in METRICS}
@@ -106,7 +110,8 @@ def render_report(output: str) -> str:
                 f'<figure class="card" data-row="{html.escape(r["row_id"])}" {data}>'
                 f'<a class="frame" href="{html.escape(rel)}"><img src="{html.escape(rel)}" loading="lazy">{overlay}</a>'
                 f'<figcaption><b>{html.escape(r["row_id"])}</b> #{k} · <i>{html.escape(r.get("relation") or "no LoRA")}'
-                f'</i><br>{html.escape(prompt)}<br><small>{html.escape(subjects)}</small><br>'
+                f'</i><br>{html.escape(prompt)}<br><span class="refs">{references}</span>'
+                f'<small>{html.escape(subjects)}</small><br>'
                 f'<small>{html.escape(metrics)}</small></figcaption></figure>'
             )
     errors = [r for r in results if r["status"] != "ok"]
@@ -124,7 +129,8 @@ def render_report(output: str) -> str:
 .frame{{position:relative;display:block;line-height:0}} .box{{position:absolute;border:2px solid #e6194b;
 color:#fff;background:rgba(230,25,75,.15);font-size:11px;line-height:13px;box-sizing:border-box}}
 body.nobox .box{{display:none}} .card img{{width:256px;height:auto;
-image-rendering:pixelated}} table{{border-collapse:collapse}} td,th{{border:1px solid #ddd;padding:3px 8px;
+image-rendering:pixelated}} .card img.ref{{width:48px;height:48px;object-fit:cover;margin:2px 2px 0 0;
+border:1px solid #999}} table{{border-collapse:collapse}} td,th{{border:1px solid #ddd;padding:3px 8px;
 text-align:left}}</style></head><body>
 <h1>Run {html.escape(output)}</h1>{banner}<table>{summary_rows}</table>
 <h2>Errors ({len(errors)})</h2><table><tr><th>row_id</th><th>reason</th></tr>{error_rows}</table>

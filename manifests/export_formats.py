@@ -13,7 +13,8 @@ Layouts (``{to}`` is the destination):
   (``b"huggingface"``), so ``datasets.load_dataset(to, split="train")`` decodes images as PIL images.
 - ``webdataset``: ``{to}/shard-000000.tar``...; members ``{key}.png`` and ``{key}.json`` (``Sample.labels``).
 - ``coco``: ``{to}/annotations.json`` and ``{to}/images/{key}.png``; one annotation per subject, ``bbox`` pixel
-  ``[x, y, width, height]``, category = subject phrase, the relation as annotation ``attributes``; each image entry
+  ``[x, y, width, height]``, a ``segmentation`` polygon (the layout box: a batch run has no subject masks; so
+  ``pycocotools``' ``annToMask``/``showAnns`` work), category = subject phrase, the relation as annotation ``attributes``; each image entry
   also holds the sample's labels (prompt, seed, metrics, gate, provenance).
 
 Every layout carries each sample's provenance labels (:data:`manifests.export_samples.LABELED_PROVENANCE`: model /
@@ -269,6 +270,7 @@ class CocoWriter(_Writer):
                 annotations.append({
                     "id": len(annotations) + 1, "image_id": image_id, "category_id": category[phrase],
                     "bbox": [x0, y0, w, h], "area": round(w * h, 3), "iscrowd": 0,
+                    "segmentation": [[x0, y0, x1, y0, x1, y1, x0, y1]],
                     "attributes": {"relation": sample.relation, "relation_phrase": sample.relation_phrase,
                                    "subject_index": j},
                 })

@@ -100,7 +100,7 @@ def template(relation: str) -> Template:
     try:
         return _BY_RELATION[relation]
     except KeyError:
-        raise ValueError(f"relation must be a RelationBench relation id, got {relation!r}; "
+        raise ValueError(f"--relations: {relation!r} is not a RelationBench relation id; "
                          f"expected one of {sorted(_BY_RELATION)}") from None
 
 
@@ -146,7 +146,8 @@ def _selected(relations: Iterable[str] | None) -> tuple[tuple[Template, ...], tu
         return SINGLE_TEMPLATES, MULTI_TEMPLATES
     wanted = list(relations)
     if not wanted:
-        raise ValueError("relations must name at least one RelationBench relation id (or be None for all 25), got []")
+        raise ValueError("--relations must name at least one RelationBench relation id (or be left out for all 25), "
+                         "got none")
     keep = {template(r).relation for r in wanted}
     return (tuple(t for t in SINGLE_TEMPLATES if t.relation in keep),
             tuple(t for t in MULTI_TEMPLATES if t.relation in keep))
@@ -164,19 +165,19 @@ def build_cases(subjects: list[tuple[str, str]], n_single: int = 100, n_multi: i
     templates (e.g. the relations that have a LoRA); a kind with cases wanted but no template kept is an error.
     """
     if n_single < 0 or n_multi < 0:
-        raise ValueError(f"n_single and n_multi must be >= 0, got {n_single} and {n_multi}")
+        raise ValueError(f"--n-single and --n-multi must be >= 0, got {n_single} and {n_multi}")
     relations = None if relations is None else list(relations)
     singles, multis = _selected(relations)
-    for n, kept, name in ((n_single, singles, "n_single"), (n_multi, multis, "n_multi")):
+    for n, kept, name in ((n_single, singles, "--n-single"), (n_multi, multis, "--n-multi")):
         if n and not kept:
-            raise ValueError(f"relations {sorted(relations or [])!r} hold no "
-                             f"{'single' if name == 'n_single' else 'two'}-subject template, but {name}={n}; "
-                             f"pass {name}=0 or add such a relation")
+            raise ValueError(f"--relations {','.join(sorted(relations or []))!r} hold no "
+                             f"{'single' if name == '--n-single' else 'two'}-subject template, but {name} is {n}; "
+                             f"pass {name} 0 or add such a relation")
     by_uri = list({str(uri): (str(name), str(uri)) for name, uri in subjects}.values())  # one entry per image
     if n_single and not by_uri:
-        raise ValueError("subjects must hold at least one (name, image) pair, got none")
+        raise ValueError("SUBJECTS_DIR holds no subject image, but single-subject cases are wanted")
     if n_multi and len(by_uri) < 2:
-        raise ValueError(f"two-subject cases need at least 2 distinct subject images, got {by_uri!r}")
+        raise ValueError(f"two-subject cases (--n-multi) need at least 2 distinct subject images, got {by_uri!r}")
     options = dict(width=width, height=height, steps=steps, num_images=num_images)
     rng = random.Random(seed)
     rows = []

@@ -135,6 +135,17 @@ def check_bucket(uri: str, create: bool = False) -> None:
     fs.mkdir(bucket)
 
 
+def href(uri: str, base: str) -> str:
+    """``uri`` as a link from a page in folder ``base``: relative under ``base`` or between local paths, else the
+    store URL unchanged."""
+    root = str(base).rstrip("/")
+    if uri.startswith(root + "/"):
+        return uri[len(root) + 1:]
+    if "://" not in uri and "://" not in root:
+        return os.path.relpath(uri, root)
+    return uri
+
+
 def list_files(uri: str, suffix: str = "") -> list[str]:
     """Full URIs of the files directly under ``uri`` ending in ``suffix`` (empty list if the folder is absent)."""
     fs, path = filesystem(uri)

@@ -12,14 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import invoke
 from PIL import Image
 
-from conftest import invoke
-from manifests import storage
-from manifests.io import read_manifest
-from manifests.ledger import ledger_records
-from manifests.relationbench import build_cases, subjects_from_dir
-from manifests.schema import ResultRow
+from batch.eval_report import tables_markdown
 from batch.evaluate import (
     METRICS,
     Configuration,
@@ -34,7 +30,11 @@ from batch.evaluate import (
     row_counts,
     summarize,
 )
-from batch.eval_report import href, tables_markdown
+from manifests import storage
+from manifests.io import read_manifest
+from manifests.ledger import ledger_records
+from manifests.relationbench import build_cases, subjects_from_dir
+from manifests.schema import ResultRow
 
 ROOT = Path(__file__).resolve().parents[1]
 SUBJECTS = ROOT / "manifests" / "examples" / "subjects"
@@ -196,14 +196,17 @@ def test_aggregation_of_crafted_results():
     assert header.startswith("| Configuration | Single-object CLIP-T | CLIP-R | CLIP-I | DINO | n | Multi-object")
     assert base_row.startswith("| base | 25.33 [") and "| 3 |" in base_row
     assert lora_row.startswith("| lora | **26.00 [")  # the best single-object CLIP-T
+    # a tie is no maximum: equal means bold nothing (the tiny preset's CLIP-T is 0 for every configuration)
+    tied = [dict(c, mean=0.0, ci_low=0.0, ci_high=0.0) for c in cells if c["metric"] == "clip_t"]
+    assert "**" not in tables_markdown(tied, ["base", "lora"], counts)
     assert "base: single 2/3 ok, 1 error, 0 without result; multi 1/2 ok, 0 error, 1 without result" in table
 
 
 def test_href_is_relative_where_it_can_be():
-    assert href("/x/eval/runs/a/images/r/0.png", "/x/eval") == "runs/a/images/r/0.png"
-    assert href("/x/subjects/dog.png", "/x/eval") == "../subjects/dog.png"
-    assert href("s3://b/eval/runs/a/0.png", "s3://b/eval/") == "runs/a/0.png"
-    assert href("s3://b/subjects/dog.png", "s3://b/eval") == "s3://b/subjects/dog.png"
+    assert storage.href("/x/eval/runs/a/images/r/0.png", "/x/eval") == "runs/a/images/r/0.png"
+    assert storage.href("/x/subjects/dog.png", "/x/eval") == "../subjects/dog.png"
+    assert storage.href("s3://b/eval/runs/a/0.png", "s3://b/eval/") == "runs/a/0.png"
+    assert storage.href("s3://b/subjects/dog.png", "s3://b/eval") == "s3://b/subjects/dog.png"
 
 
 def test_reports_of_crafted_runs_on_s3(s3_bucket):
@@ -338,5 +341,42 @@ def test_cli_errors_before_running(runner, tmp_path):
     assert result.exit_code == 2 and "--size" in result.output
     result = invoke(runner, "eval", "relationbench", SUBJECTS, "--config", "base", "--output", out,
                     "--relations", "hugging")
-    assert result.exit_code == 2 and "n_single=100" in result.output
+    assert result.exit_code == 2 and "--n-single is 100; pass --n-single 0" in result.output
     assert not out.exists()
+
+
+def readme_command(marker: str) -> list[str]:
+    """The README's ``dreamrelation ...`` command (a fenced line holding ``marker``, with its continuation lines) as
+    argv without the program name."""
+    import re
+    import shlex
+
+    text = (ROOT / "README.md").read_text()
+    for block in re.findall(r"^```[a-z]*\n(.*?)^```", text, flags=re.S | re.M):
+        for command in block.replace("\\\n", " ").splitlines():
+            if command.startswith("dreamrelation ") and marker in command:
+                return shlex.split(command)[1:]
+    raise AssertionError(f"no README command holds {marker!r}")
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_the_readme_local_evaluation_runs_as_written(ray_local, runner, tmp_path, monkeypatch):
+    """The README's local `eval relationbench` line, typed in a fresh folder that sees the project's examples:
+    both configurations run, and the tables, the gallery and each run's report are written."""
+    argv = readme_command("eval relationbench manifests/examples/subjects")
+    (tmp_path / "manifests").symlink_to(ROOT / "manifests")
+    monkeypatch.chdir(tmp_path)
+    result = invoke(runner, *argv)
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "out" / "eval"
+    summary = json.loads((out / "eval.json").read_text())
+    assert {c["name"]: c["run"]["ok"] for c in summary["configs"]} == {"base": 2, "lora": 2}
+    rows = ledger_records(str(out / "runs" / "lora"))
+    assert sorted(r["relation"] for r in rows) == ["hugging", "shaking_hands"]
+    assert all(r["status"] == "ok" and r["images"] for r in rows)
+    table = _read_csv(out / "tables.csv")
+    assert {(t["config"], t["kind"]) for t in table} == {("base", "multi"), ("lora", "multi")}
+    assert all(int(t["n"]) == 2 for t in table)
+    for name in ("tables.md", "gallery.html", "runs/base/report.html", "runs/lora/report.html"):
+        assert (out / name).is_file(), name

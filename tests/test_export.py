@@ -284,6 +284,19 @@ def check_coco(doc: dict, folder: Path) -> None:
         used.add(names[a["category_id"]])
     assert used == set(names.values())  # one category per distinct subject phrase, none unused
     assert len(doc["annotations"]) == sum(len(im["subject_phrases"]) for im in doc["images"])
+    # the reference reader: pycocotools indexes it, and each annotation's mask is its box
+    from pycocotools.coco import COCO
+
+    coco = COCO(str(folder / "annotations.json"))
+    assert sorted(coco.getImgIds()) == sorted(images) and len(coco.getAnnIds()) == len(doc["annotations"])
+    for a in doc["annotations"]:
+        mask = coco.annToMask(coco.loadAnns(a["id"])[0])
+        im = images[a["image_id"]]
+        assert mask.shape == (im["height"], im["width"]) and mask.dtype.kind == "u"
+        assert abs(int(mask.sum()) - a["area"]) <= 2 * (a["bbox"][2] + a["bbox"][3]) + 4  # pixel edges
+        ys, xs = mask.nonzero()
+        x, y, w, h = a["bbox"]
+        assert xs.min() >= int(x) - 1 and xs.max() <= x + w and ys.min() >= int(y) - 1 and ys.max() <= y + h
 
 
 def test_coco_json_validates(run, tmp_path):

@@ -126,7 +126,7 @@ def test_relations_filter_keeps_only_their_templates(subjects):
     assert [r.relation for r in rows] == ["dancing"] * 3 + ["shaking_hands", "hugging"] * 2
     assert [r.row_id for r in rows[3:5]] == ["rb-multi-0000", "rb-multi-0001"]
     assert build_cases(subjects, n_single=0, n_multi=2, relations=("hugging",))[1].relation == "hugging"
-    with pytest.raises(ValueError, match=r"no single-subject template, but n_single=100"):
+    with pytest.raises(ValueError, match=r"no single-subject template, but --n-single is 100"):
         build_cases(subjects, relations=["hugging"])
     with pytest.raises(ValueError, match="expected one of"):
         build_cases(subjects, relations=["levitating"])

@@ -5,6 +5,7 @@ error reason, with a summary table and the sort control."""
 from __future__ import annotations
 
 import html
+import os
 import shutil
 from pathlib import Path
 
@@ -109,6 +110,10 @@ def test_report_names_every_image_prompt_metric_and_error(run):
             for m in METRICS:
                 assert f'data-{m.replace("_", "")}="{getattr(result, m)[k]:.4f}"' in page
             assert f"CLIP-T {result.clip_t[k]:.1f}" in page
+        for subject in row.subjects:  # each row's reference images, linked relative to the page
+            ref = os.path.relpath(subject.image, run["out"])
+            assert f'<img class="ref" src="{html.escape(ref)}" title="{html.escape(subject.phrase)}"' in page
+            assert (run["out"] / ref).resolve() == Path(subject.image).resolve()
     assert page.count('<figure class="card"') == sum(len(r.images) for r in run["results"])
     # summary table, error section, sort control
     for key in ("rows_with_results", "ok", "error", "images", "rejected", "mean_clip_t"):
