@@ -261,9 +261,10 @@ def test_a_run_refuses_other_settings_and_names_each_difference(ray_local, tmp_p
 
 
 @pytest.mark.slow
-def test_errors_are_retried_only_when_asked_and_the_latest_result_wins(ray_local, tmp_path):
+def test_errors_are_retried_only_when_asked_and_no_resume_starts_a_new_generation(ray_local, tmp_path):
     """A row whose subject image is missing (image checks off: a per-row error) stays an error on resume; with
-    --retry-errors, after the image appears, it runs again and its new result is the ledger's."""
+    --retry-errors, after the image appears, it runs again and its new result is the ledger's. Then --no-resume
+    starts a new generation of the whole run."""
     from batch.job import submit
     from batch.report import status
 
@@ -290,26 +291,18 @@ def test_errors_are_retried_only_when_asked_and_the_latest_result_wins(ray_local
     st = status(str(out))
     assert (st["ok"], st["error"], st["attempts"]) == (4, 0, 3)
 
-
-@pytest.mark.slow
-def test_no_resume_starts_a_new_generation(ray_local, tmp_path):
-    from batch.job import submit
-    from batch.report import status
-
-    manifest = small_manifest(tmp_path, n=4)
-    out = tmp_path / "out"
-    submit(job(manifest, out, batch_size=2))
-    fresh = submit(job(manifest, out, batch_size=2, resume=False))
+    # --no-resume: a new generation that regenerates every row; the old one stays readable under its attempts
+    fresh = submit(job(manifest, out, check_images=False, resume=False))
     assert fresh["attempt"]["generation"] == 1 and fresh["attempt"]["counts"]["processed"] == 4
     assert fresh["run"]["generation"] == 1 and fresh["run"]["rows"]["ok"] == 4
     records = ledger_records(str(out))
-    assert len(records) == 4 and {r["attempt_id"] for r in records} == {"0002"}
+    assert len(records) == 4 and {r["attempt_id"] for r in records} == {"0004"}
     assert status(str(out))["rows_with_results"] == 4  # the old generation is not mixed in
-    assert (out / "results" / "0001").is_dir()  # ... but stays readable under its attempt
+    assert (out / "results" / "0001").is_dir()
     old = ledger_records(str(out), generation=0)
-    assert len(old) == 4 and {r["attempt_id"] for r in old} == {"0001"}
+    assert {r["row_id"]: r["attempt_id"] for r in old} == {**{r.row_id: "0001" for r in rows}, rows[1].row_id: "0003"}
     # a resume of the new generation skips its rows
-    assert submit(job(manifest, out, batch_size=2))["attempt"]["counts"]["skipped"] == 4
+    assert submit(job(manifest, out, check_images=False))["attempt"]["counts"]["skipped"] == 4
 
 
 @pytest.mark.slow
@@ -398,33 +391,14 @@ def _cli_run(tmp_path: Path, prefix: str):
     rows = many_rows(24, steps=8, prefix=prefix, size=64)
     manifest, out = tmp_path / "m.parquet", tmp_path / "out"
     write_manifest(rows, str(manifest))
+    return rows, manifest, out, _cli_start(manifest, out)
+
+
+def _cli_start(manifest: Path, out: Path) -> subprocess.Popen:
     cmd = [*CLI, "batch", "submit", str(manifest), "--output", str(out), "--loras", str(EXAMPLE_LORAS),
            "--actors", "1", "--batch-size", "1", "--no-metrics"]
-    proc = subprocess.Popen(cmd, env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
+    return subprocess.Popen(cmd, env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
-    return rows, manifest, out, proc
-
-
-@pytest.mark.slow
-def test_resume_after_the_driver_is_killed(ray_local, tmp_path):
-    from batch.job import submit
-
-    rows, manifest, out, proc = _cli_run(tmp_path, "resume")
-    try:
-        _wait_for_results(proc, out, 4)
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started, mid-run: no records written
-    finally:
-        proc.wait(timeout=60)
-    done_before = {r["row_id"] for r in ledger_records(str(out))}
-    assert 4 <= len(done_before) < 24
-    assert attempt_record(out, "0001")["status"] == "running"  # it never got to say how it ended
-    # the dead driver's lease does not block (its pid is gone); the same settings resume the run
-    summary = submit(job(manifest, out, actors=1, batch_size=1, worker=_no_metrics(out)))
-    assert summary["attempt"]["attempt_id"] == "0002"
-    assert summary["attempt"]["counts"]["skipped"] == len(done_before)
-    assert summary["attempt"]["counts"]["ok"] == 24 - len(done_before)
-    assert summary["run"]["rows"]["ok"] == 24
-    assert_complete(str(out), [r.row_id for r in rows], {r.row_id: r.num_images for r in rows})
 
 
 def _no_metrics(out):
@@ -434,12 +408,14 @@ def _no_metrics(out):
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_cleanly_and_the_run_resumes(ray_local, tmp_path):
+def test_ctrl_c_stops_cleanly_a_killed_driver_loses_nothing_and_the_run_resumes(ray_local, tmp_path):
+    """One run, three drivers: Ctrl-C stops the first cleanly (exit 130, records written, its Ray gone); the second
+    resumes and is SIGKILLed mid-run with its Ray (no records); the third, in-process, resumes and completes."""
     import psutil
 
     from batch.job import submit
 
-    rows, manifest, out, proc = _cli_run(tmp_path, "int")
+    rows, manifest, out, proc = _cli_run(tmp_path, "stop")
     _wait_for_results(proc, out, 2)
     children = psutil.Process(proc.pid).children(recursive=True)
     proc.send_signal(signal.SIGINT)
@@ -450,13 +426,31 @@ def test_ctrl_c_stops_cleanly_and_the_run_resumes(ray_local, tmp_path):
     record = attempt_record(out, "0001")
     assert record["status"] == "interrupted" and record["ended_at"] and record["counts"]["skipped"] is None
     run = run_json(out)
-    assert run["status"] == "interrupted" and run["rows"]["ok"] == len(ledger_records(str(out)))
+    done_at_stop = len(ledger_records(str(out)))
+    assert run["status"] == "interrupted" and run["rows"]["ok"] == done_at_stop
     assert run["rows"]["ok"] + run["rows"]["pending"] == 24
     assert not (out / "lease.json").exists()
     time.sleep(2)
     assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE], \
         "Ray processes of the job outlived it"
+
+    proc = _cli_start(manifest, out)  # the same command resumes ...
+    try:
+        _wait_for_results(proc, out, done_at_stop + 2)
+        children = psutil.Process(proc.pid).children(recursive=True)
+        os.killpg(proc.pid, signal.SIGKILL)  # ... and dies with the Ray it started, mid-run: no records written
+    finally:
+        proc.wait(timeout=60)
+    _, alive = psutil.wait_procs(children, timeout=60)  # an actor outside the group may finish one more row
+    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], "Ray processes of the killed job live on"
+    done_before = {r["row_id"] for r in ledger_records(str(out))}
+    assert done_at_stop + 2 <= len(done_before) < 24
+    assert attempt_record(out, "0002")["status"] == "running"  # it never got to say how it ended
+    # the dead driver's lease does not block (its pid is gone); the same settings resume the run
     summary = submit(job(manifest, out, actors=1, batch_size=1, worker=_no_metrics(out)))
+    assert summary["attempt"]["attempt_id"] == "0003"
+    assert summary["attempt"]["counts"]["skipped"] == len(done_before)
+    assert summary["attempt"]["counts"]["ok"] == 24 - len(done_before)
     assert summary["run"]["rows"]["ok"] == 24 and summary["run"]["status"] == "completed"
     assert_complete(str(out), [r.row_id for r in rows], {r.row_id: r.num_images for r in rows})
 
