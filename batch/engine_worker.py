@@ -2,8 +2,11 @@
 
 * :class:`GenerateStage` holds a generator (``dreamrelation.generators.PipelineGenerator`` or ``APIGenerator``) and
   turns engine samples (``manifests.relation_spec.EngineSample``) into images written atomically to
-  ``{output}/images/{sample_id}/subject_{j}.png`` and ``target.png``, returning one record per sample (the sample,
-  the image URIs, or the generation error).
+  ``{output}/images/{sample_id}/subject_{j}.png`` and ``target.png`` (then ``generation.json``: what made them),
+  returning one record per sample (the sample, the image URIs, or the generation error). With a LoRA registry
+  (``EngineConfig.loras``) a relation that has a LoRA there gets its target from the pipeline with that LoRA on
+  (recorded as ``target_lora``); the others, and every API target, come from the base adapter alone. A sample
+  being judged again (other gates) keeps its images when they are still there.
 * :class:`AnnotateStage` holds the annotators (``dreamrelation.engine.Annotator``) and turns those records into one
   ``EngineOutcome`` per sample: ``made`` with its ``TripletRow`` (target masks written to ``mask_{j}.png``), or
   ``dropped`` with the stage, a reason code and the detail. :meth:`AnnotateStage.process_and_write` also writes the
@@ -19,15 +22,17 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import time
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from dreamrelation.engine import Annotation, Drop, GateConfig
+from dreamrelation.engine import Annotation, Drop, GateConfig, KeypointConfig, default_gates
 from manifests import storage
 from manifests.engine_outcome import EngineOutcome, write_outcomes
 from manifests.relation_spec import EngineSample
@@ -37,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 GENERATORS = ("pipeline", "api")
 OUTCOMES_DIR = "outcomes"
+GENERATION_FILE = "generation.json"  # beside a sample's images: what made them (written last)
 
 
 @dataclass(frozen=True)
@@ -44,7 +50,10 @@ class EngineConfig:
     """Everything an engine actor needs to build its stage (plain data: it travels to Ray actors).
 
     ``generator``: "pipeline" (our stack, ``preset``) or "api" (``api_base``, the key from ``$api_key_env``,
-    ``api_model``, ``api_size``). ``metrics``: score CLIP-R of each target (needed by ``gates.min_clip_r``).
+    ``api_model``, ``api_size``). ``metrics``: score CLIP-R and DINO of each target (needed by the CLIP-R and
+    copy-paste gates). ``gates``: None means the preset's (``engine.default_gates``: thresholds noise passes for
+    "tiny"). ``keypoints``: which subjects get ViTPose keypoints (``engine.KeypointConfig``). ``loras``: a LoRA
+    registry (``manifests.registry``); a relation with a LoRA there gets its targets made with it.
     """
 
     output: str
@@ -61,15 +70,22 @@ class EngineConfig:
     caption: bool = False
     metrics: bool = True
     feature_size: int | None = None  # DINOv2 input side (None: the preset's, see Annotator.from_preset)
-    gates: GateConfig = field(default_factory=GateConfig)
+    local_encoder: str | None = None  # the generator's distilled local encoder (None: the preset's)
+    use_local_tokens: bool | None = None  # None: the preset's default
+    gates: GateConfig | None = None
+    keypoints: KeypointConfig = field(default_factory=KeypointConfig)
+    loras: str | None = None
 
     def __post_init__(self) -> None:
         if self.generator not in GENERATORS:
             raise ValueError(f"generator must be one of {list(GENERATORS)}, got {self.generator!r}")
         if self.generator == "api" and not self.api_base:
             raise ValueError(f"generator 'api' needs api_base (the images API base URL), got {self.api_base!r}")
-        if self.gates.min_clip_r is not None and not self.metrics:
-            raise ValueError(f"gates.min_clip_r={self.gates.min_clip_r} needs metrics=True (CLIP-R is a metric)")
+        if self.gates is None:
+            object.__setattr__(self, "gates", default_gates(self.preset, self.metrics))
+        for name in ("min_clip_r", "max_copy_paste_dino"):
+            if getattr(self.gates, name) is not None and not self.metrics:
+                raise ValueError(f"gates.{name}={getattr(self.gates, name)} needs metrics=True (it gates a metric)")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -77,8 +93,17 @@ class EngineConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EngineConfig:
         data = dict(data)
-        gates = data.pop("gates", None) or {}
-        return cls(**data, gates=gates if isinstance(gates, GateConfig) else GateConfig(**gates))
+        gates = data.pop("gates", None)
+        keypoints = data.pop("keypoints", None) or {}
+        return cls(**data, gates=gates if gates is None or isinstance(gates, GateConfig) else GateConfig(**gates),
+                   keypoints=keypoints if isinstance(keypoints, KeypointConfig) else KeypointConfig(**keypoints))
+
+    def judging_digest(self) -> str:
+        """A short digest of what judges a sample (gates, keypoint choices, annotators): an outcome judged under
+        another digest is judged again by a rerun (``EngineOutcome.judged_with``)."""
+        judged = {"gates": asdict(self.gates), "keypoints": asdict(self.keypoints), "preset": self.preset,
+                  "feature_size": self.feature_size}
+        return hashlib.sha1(json.dumps(judged, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _device(config: EngineConfig) -> tuple[str, Any]:
@@ -102,9 +127,30 @@ def build_generator(config: EngineConfig):
     from dreamrelation.presets import load_pipeline
 
     device, dtype = _device(config)
-    pipe = load_pipeline(config.preset, device=device, dtype=dtype)
+    pipe = load_pipeline(config.preset, device=device, dtype=dtype, local_encoder=config.local_encoder,
+                         use_local_tokens=config.use_local_tokens)
     pipe.set_progress_bar_config(disable=True)
-    return PipelineGenerator(pipe, guidance=config.guidance, scale=config.scale)
+    return PipelineGenerator(RelationPipe(pipe), guidance=config.guidance, scale=config.scale,
+                             use_local_tokens=config.use_local_tokens)
+
+
+class RelationPipe:
+    """The pipeline, with the relation LoRA of the sample being made switched on for its target.
+
+    ``PipelineGenerator`` calls the pipeline with ``relation=None`` (targets for relations that have no LoRA yet);
+    :class:`GenerateStage` sets :attr:`relation` per sample when the registry has that relation's LoRA, and this
+    wrapper passes it on. Everything else (``text_to_image``: subjects never get a LoRA) goes to the pipeline."""
+
+    def __init__(self, pipe) -> None:
+        self.pipe = pipe
+        self.relation: str | None = None
+
+    def __call__(self, *args, **kwargs):
+        kwargs["relation"] = self.relation
+        return self.pipe(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self.pipe, name)
 
 
 def outcomes_uri(output: str, sample_ids: list[str]) -> str:
@@ -124,6 +170,11 @@ def _png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
+def _sample_digest(sample: EngineSample) -> str:
+    """What a sample's images depend on (prompts, seeds, boxes, size, steps): a reused image must match it."""
+    return hashlib.sha1(sample.model_dump_json().encode()).hexdigest()[:16]
+
+
 def _read_image(uri: str) -> Image.Image:
     image = Image.open(io.BytesIO(storage.read_bytes(uri)))
     image.load()
@@ -139,15 +190,64 @@ class GenerateStage:
         """``generator``: an already built :class:`~dreamrelation.generators.Generator` instead of ``config``'s."""
         self.config = config
         self.generator = generator if generator is not None else build_generator(config)
+        self.registry = None
+        if config.loras:
+            from manifests.registry import LoRARegistry
 
-    def process(self, samples: list[dict[str, Any] | EngineSample]) -> list[dict[str, Any]]:
-        """Samples -> one record each, in order: the sample's fields plus ``generator``, ``subject_uris``,
-        ``target_uri`` and ``error`` (None, or why generation failed) and ``seconds_generate``."""
+            self.registry = LoRARegistry(config.loras)
+        self._loaded: dict[str, str | None] = {}  # relation -> "relation@fingerprint" of its loaded LoRA, or None
+
+    def target_lora(self, relation: str) -> str | None:
+        """``"relation@fingerprint"`` of the relation LoRA this stage makes ``relation``'s targets with (loaded on
+        first use), or None: no registry, no LoRA for it there, or a generator that cannot take one (an API)."""
+        if relation in self._loaded:
+            return self._loaded[relation]
+        lora, pipe = None, getattr(self.generator, "pipe", None)
+        if self.registry is not None and self.registry.has(relation):
+            if not isinstance(pipe, RelationPipe):
+                logger.warning("relation %r has a LoRA in %s, but generator %r takes no LoRA: its targets are "
+                               "made without it", relation, self.config.loras, self.generator.name)
+            else:  # a LoRA that does not load fails each of the relation's samples, never makes them without it
+                from safetensors.torch import load as load_safetensors
+
+                pipe.load_relation_lora(relation, load_safetensors(self.registry.read_bytes(relation)))
+                lora = f"{relation}@{self.registry.fingerprint(relation)}"
+                logger.info("targets of %r made with its LoRA %s", relation, lora)
+        self._loaded[relation] = lora
+        return lora
+
+    def _reused(self, sample: EngineSample, record: dict[str, Any]) -> bool:
+        """Fill ``record`` from the images a previous run made for ``sample`` when they are all there and were
+        made for this very sample (``generation.json`` holds its digest); False otherwise."""
+        out = self.config.output
+        info_uri = sample_uri(out, sample.sample_id, GENERATION_FILE)
+        if not storage.exists(info_uri):
+            return False
+        try:
+            info = json.loads(storage.read_bytes(info_uri))
+        except ValueError:
+            return False
+        uris = [sample_uri(out, sample.sample_id, f"subject_{j}.png") for j in range(len(sample.classes))]
+        target = sample_uri(out, sample.sample_id, "target.png")
+        if info.get("sample") != _sample_digest(sample) or not all(storage.exists(u) for u in [*uris, target]):
+            return False
+        record.update(generator=info.get("generator") or record["generator"], target_lora=info.get("target_lora"),
+                      subject_uris=uris, target_uri=target, seconds_generate=0.0, reused=True)
+        return True
+
+    def process(self, samples: list[dict[str, Any] | EngineSample],
+                reuse: Collection[str] = ()) -> list[dict[str, Any]]:
+        """Samples -> one record each, in order: the sample's fields plus ``generator``, ``target_lora``,
+        ``subject_uris``, ``target_uri`` and ``error`` (None, or why generation failed) and ``seconds_generate``.
+        Samples named in ``reuse`` (judged again under other gates) keep the images they have (``reused``)."""
         records = []
         for raw in samples:
             sample = raw if isinstance(raw, EngineSample) else EngineSample.model_validate(raw)
-            record = {**sample.model_dump(mode="json"), "generator": self.generator.name, "subject_uris": [],
-                      "target_uri": None, "error": None}
+            record = {**sample.model_dump(mode="json"), "generator": self.generator.name, "target_lora": None,
+                      "subject_uris": [], "target_uri": None, "error": None}
+            if sample.sample_id in reuse and self._reused(sample, record):
+                records.append(record)
+                continue
             t = time.perf_counter()
             size, steps = (sample.width, sample.height), sample.steps
             try:
@@ -155,6 +255,10 @@ class GenerateStage:
                 if len(subjects) != len(sample.classes):
                     raise RuntimeError(f"the generator returned {len(subjects)} subject images for "
                                        f"{len(sample.classes)} subjects")
+                record["target_lora"] = self.target_lora(sample.relation)
+                pipe = getattr(self.generator, "pipe", None)
+                if isinstance(pipe, RelationPipe):
+                    pipe.relation = sample.relation if record["target_lora"] else None
                 target = self.generator.target(sample.prompt, subjects, sample.classes, sample.boxes, sample.seed,
                                                size, steps)
             except Exception as exc:  # one sample's failure; its batch-mates go on
@@ -170,6 +274,10 @@ class GenerateStage:
                 record["subject_uris"].append(uri)
             record["target_uri"] = sample_uri(self.config.output, sample.sample_id, "target.png")
             storage.write_bytes_atomic(record["target_uri"], _png(target.convert("RGB")))
+            info = {"sample": _sample_digest(sample), "generator": record["generator"],
+                    "target_lora": record["target_lora"]}
+            storage.write_bytes_atomic(sample_uri(self.config.output, sample.sample_id, GENERATION_FILE),
+                                       json.dumps(info).encode())
             record["seconds_generate"] = round(seconds, 4)
             records.append(record)
         return records
@@ -189,12 +297,14 @@ class AnnotateStage:
             device, _ = _device(config)
             annotator = Annotator.from_preset(config.preset, gates=config.gates, device=device,
                                               caption=config.caption, metrics=config.metrics,
-                                              feature_size=config.feature_size)
+                                              feature_size=config.feature_size, keypoints=config.keypoints)
         self.annotator = annotator
+        self.judged_with = config.judging_digest()
 
     def process(self, records: list[dict[str, Any]]) -> list[EngineOutcome]:
-        """Generated records (:meth:`GenerateStage.process`) -> one outcome per sample, in order."""
-        return [self._one(r) for r in records]
+        """Generated records (:meth:`GenerateStage.process`) -> one outcome per sample, in order, each stamped
+        with the settings that judged it (``EngineOutcome.judged_with``)."""
+        return [self._one(r).model_copy(update={"judged_with": self.judged_with}) for r in records]
 
     def process_and_write(self, records: list[dict[str, Any]]) -> list[EngineOutcome]:
         """:meth:`process`, then the outcomes written atomically under ``{output}/outcomes/``."""
@@ -247,6 +357,7 @@ class AnnotateStage:
             "seed": str(sample.seed),
             "subject_seeds": ",".join(str(s) for s in sample.subject_seeds),
             "generator": str(record.get("generator") or ""),
+            "target_lora": str(record.get("target_lora") or ""),  # "relation@fingerprint"; "": the base adapter
             "keypoint_confidence": ",".join(f"{float(np.mean(s.confidence)):.4f}" for s in annotation.subjects),
             "layout_boxes": ";".join(",".join(f"{v:.4f}" for v in b) for b in sample.boxes),
         }

@@ -66,7 +66,7 @@ def parse_configuration(spec: str, loras: str | None) -> Configuration:
             return Configuration(BASE, None)
         if not loras:
             raise ValueError(f"--config {text!r} needs a LoRA registry: pass --loras URI (--loras is {loras!r})")
-        return Configuration(text, str(loras), use_local_tokens=text != NO_LOCAL_TOKENS)
+        return Configuration(text, storage.absolute(loras), use_local_tokens=text != NO_LOCAL_TOKENS)
     name, uri = (part.strip() for part in text.split("=", 1))
     check_key(name, f"config name in {spec!r}")
     local = True
@@ -74,7 +74,7 @@ def parse_configuration(spec: str, loras: str | None) -> Configuration:
         uri, local = uri[: -len(NO_LOCAL_TOKENS) - 1], False
     if not uri:
         raise ValueError(f"--config {spec!r} must name a LoRA registry or folder after '=', got nothing")
-    return Configuration(name, uri, use_local_tokens=local)
+    return Configuration(name, storage.absolute(uri), use_local_tokens=local)
 
 
 def parse_configurations(specs: Sequence[str], loras: str | None) -> list[Configuration]:
@@ -102,6 +102,7 @@ class EvalConfig:
     seed: int = 0  # the case draw
     relations: tuple[str, ...] | None = None  # keep only these templates
     preset: str = "tiny"
+    local_encoder: str | None = None  # the distilled local image encoder (None: the preset's)
     steps: int = 30
     width: int = 1024
     height: int = 1024
@@ -118,6 +119,11 @@ class EvalConfig:
     resume: bool = True
     resamples: int = 1000
     confidence: float = 0.95
+
+    def __post_init__(self) -> None:  # user paths mean the same in every process and in every file written
+        for name in ("subjects_dir", "output", "loras", "local_encoder"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, storage.absolute(getattr(self, name)))
 
 
 @dataclass(frozen=True)
@@ -217,6 +223,10 @@ def _prepare_output(config: EvalConfig, cases: list[GenerationRow], runs: list[P
                  else storage.join(config.output, "manifests", f"{r.configuration.name}.parquet") for r in runs}
     for run in runs:  # every check before the first write
         _check_previous_run(run, config, manifests[run.configuration.name])
+    from dreamrelation.local_encoder_ref import check_local_tokens
+
+    for run in runs:  # local tokens on a real preset need its distilled local encoder (--local-encoder)
+        check_local_tokens(config.preset, config.local_encoder, run.configuration.use_local_tokens)
     if not have_cases:
         write_manifest(cases, cases_uri)
     for run in runs:
@@ -253,6 +263,7 @@ def job_config(config: EvalConfig, run: PlannedRun, manifest: str):
     conf = run.configuration
     worker = WorkerConfig(output=run.output, preset=config.preset, loras=conf.loras, device=config.device,
                           max_batch_images=config.max_batch_images, use_local_tokens=conf.use_local_tokens,
+                          local_encoder=config.local_encoder,
                           # a single LoRA folder runs through a registry.json the evaluation writes itself
                           access=AccessPolicy(allow_external_loras=config.allow_external_loras
                                               or run.registry_file is not None))

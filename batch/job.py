@@ -21,18 +21,18 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-
 from manifests import storage
+from manifests.access import AccessPolicy
 from manifests.errors import one_line
 from manifests.io import manifest_row_count, parquet_rows, write_table
 from manifests.lease import Lease, LeaseHeld
-from manifests.access import AccessPolicy
 from manifests.ledger import attempt_folders, compact_all, done_row_ids, ledger_counts
 from manifests.registry import LoRARegistry
 from manifests.run_record import (
@@ -94,7 +94,9 @@ class JobConfig:
         preset = self.preset if self.preset in ("tiny", "sdxl") else storage.absolute(self.preset)
         loras = storage.absolute(self.loras) if self.loras else None
         output = storage.absolute(self.output).rstrip("/")
-        local = storage.absolute(worker.local_encoder) if worker.local_encoder else None
+        local = worker.local_encoder  # a local path made absolute; a URL or a hub ref owner/repo/file as is
+        if local and "://" not in local and os.path.exists(os.path.expanduser(local)):
+            local = storage.absolute(local)
         worker = replace(worker, output=output, preset=preset, loras=loras, local_encoder=local)
         return replace(self, manifest=storage.absolute(self.manifest), output=output, preset=preset, loras=loras,
                        worker=worker)

@@ -346,7 +346,7 @@ def part_engine(samples: int | None, work: Path) -> None:
     from batch.engine_job import EngineJobConfig, run
     from batch.engine_worker import EngineConfig
     from dreamrelation.annotate import tiny_annotator_dir
-    from dreamrelation.engine import GateConfig
+    from dreamrelation.engine import gates_for
     from dreamrelation.presets import tiny_model_dir
 
     t = time.perf_counter()
@@ -354,7 +354,7 @@ def part_engine(samples: int | None, work: Path) -> None:
     caches = time.perf_counter() - t
     spec = spec_with(samples, work)
     output = work / "engine"
-    gates = GateConfig(max_instances=16, max_subject_iou=1.0, min_keypoint_confidence=0.0)
+    gates, _ = gates_for("tiny", max_instances=16, max_subject_iou=1.0, min_keypoint_confidence=0.0)
     engine = EngineConfig(output=str(output), preset="tiny", device="cpu", gates=gates)
     t = time.perf_counter()
     summary = run(EngineJobConfig(spec=str(spec), output=str(output), engine=engine, executor="local",

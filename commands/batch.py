@@ -30,7 +30,11 @@ def batch_submit(
         help="LoRA registry root: {loras}/{relation}/pytorch_lora_weights.safetensors or {loras}/registry.json. "
              "Default: manifests/examples/loras when the manifest is the example one, else none.")] = None,
     local_encoder: Annotated[Optional[str], typer.Option(
-        help="A distilled local image encoder checkpoint (train distill-encoder); default: the preset's.")] = None,
+        help="The distilled local image encoder: a `train distill-encoder` output folder or its "
+             "local_encoder.safetensors / epoch_N.pt, or the authors' epoch_6.pt; default: the preset's. Local "
+             "tokens on --preset sdxl need it.")] = None,
+    local_tokens: Annotated[bool, typer.Option(
+        help="Add the local tokens of each subject image (paper 3.4.3).")] = True,
     actors: Annotated[int, typer.Option(help="Generation actors (one model each; one GPU each on GPUs).")] = 1,
     gpus_per_actor: Annotated[Optional[float], typer.Option(
         help="GPUs per actor (default: 1 when the cluster has GPUs, else 0).")] = None,
@@ -130,10 +134,17 @@ def batch_submit(
 
     if loras is None:
         loras = _default_loras(manifest)
+    from dreamrelation.local_encoder_ref import check_local_tokens
+
+    try:
+        check_local_tokens(preset, local_encoder, local_tokens)
+    except ValueError as exc:
+        fail(str(exc))
     try:
         worker = WorkerConfig(output=output, preset=preset, loras=loras, device=device, metrics=metrics,
                               max_batch_images=max_batch_images, lora_cache_size=lora_cache_size, gate=gate,
-                              local_encoder=local_encoder, max_image_pixels=max_image_pixels, row_timeout=row_timeout,
+                              local_encoder=local_encoder, use_local_tokens=local_tokens,
+                              max_image_pixels=max_image_pixels, row_timeout=row_timeout,
                               access=AccessPolicy(allow_http=allow_http, allow_private_urls=allow_private_urls,
                                                   allow_external_loras=allow_external_loras))
     except ValueError as exc:  # a gate without metrics

@@ -74,46 +74,84 @@ def data_generate(
                                               "(--no-resume starts over).")] = True,
     retry_errors: Annotated[bool, typer.Option(help="On resume, rerun samples dropped for a generation or "
                                                     "annotation error.")] = False,
-    detection_threshold: Annotated[float, typer.Option(help="OWLv2 score a detection needs.")] = 0.1,
-    max_instances: Annotated[int, typer.Option(help="Detections allowed per subject (1: found exactly once).")] = 1,
-    min_keypoint_confidence: Annotated[float, typer.Option(help="Mean keypoint-match confidence each subject "
-                                                                "needs, in [0, 1].")] = 0.5,
-    visibility_threshold: Annotated[float, typer.Option(help="Keypoints less confident than this get "
-                                                             "visibility 0.")] = 0.5,
-    min_clip_r: Annotated[Optional[float], typer.Option(help="CLIP-R (x100) the target needs; default: "
-                                                             "recorded, not gated.")] = None,
-    min_layout_iou: Annotated[Optional[float], typer.Option(help="IoU each subject's box needs with its layout "
-                                                                 "box; default: recorded, not gated.")] = None,
-    max_subject_iou: Annotated[float, typer.Option(help="Drop when two subjects' boxes overlap more than this "
-                                                        "(1 disables).")] = 0.8,
+    detection_threshold: Annotated[Optional[float], typer.Option(
+        help="OWLv2 score a detection needs (default 0.1; every gate default is the preset's: thresholds noise "
+             "passes for tiny).")] = None,
+    max_instances: Annotated[Optional[int], typer.Option(
+        help="Detections allowed per subject (default 1: found exactly once).")] = None,
+    min_keypoint_confidence: Annotated[Optional[float], typer.Option(
+        help="Mean keypoint confidence each subject needs, in [0, 1] (default 0.5).")] = None,
+    visibility_threshold: Annotated[Optional[float], typer.Option(
+        help="Keypoints less confident than this get visibility 0 (default 0.5).")] = None,
+    min_clip_r: Annotated[Optional[float], typer.Option(
+        help="CLIP-R (x100) the target needs (default 17; 0 disables).")] = None,
+    min_layout_iou: Annotated[Optional[float], typer.Option(
+        help="IoU each subject's box needs with its layout box (default: recorded, not gated).")] = None,
+    max_subject_iou: Annotated[Optional[float], typer.Option(
+        help="Drop when two subjects' boxes overlap more than this (default 0.8; 1 disables).")] = None,
+    max_copy_paste_dino: Annotated[Optional[float], typer.Option(
+        help="Drop a copy-paste target: DINO (x100) of a subject's crop in the target vs its subject image above "
+             "this (default 90; 100 disables).")] = None,
+    person_keypoints: Annotated[str, typer.Option(
+        help="Keypoints of person subjects: 'coco' (ViTPose) or 'points' (dense correspondence).")] = "coco",
+    animal_keypoints: Annotated[str, typer.Option(
+        help="Keypoints of animal subjects: 'ap10k' (ViTPose with an AP-10K head) or 'points'.")] = "ap10k",
+    animal_pose: Annotated[Optional[str], typer.Option(
+        help="ViTPose folder whose head is AP-10K's (dreamrelation.pose.save_vitpose_plus); default: the "
+             "preset's (tiny: its twin; sdxl: none public, so animals get points).")] = None,
+    animal_dataset_index: Annotated[int, typer.Option(
+        help="ViTPose++ expert of --animal-pose (3: AP-10K).")] = 3,
+    loras: Annotated[Optional[str], typer.Option(
+        help="Relation LoRA registry (path or URL): a relation with a LoRA there gets its targets made with it "
+             "(recorded per triplet); default: the base adapter alone.")] = None,
     caption: Annotated[bool, typer.Option(help="Caption each kept target (BLIP) into its metadata.")] = False,
     feature_size: Annotated[Optional[int], typer.Option(help="DINOv2 input side for keypoint transfer, a multiple "
                                                              "of its patch (default: 448; 64 for tiny).")] = None,
+    local_encoder: Annotated[Optional[str], typer.Option(
+        help="The generator's distilled local image encoder: a `train distill-encoder` output folder or file, or "
+             "the authors' epoch_6.pt (default: the preset's); local tokens on --preset sdxl need it.")] = None,
+    local_tokens: Annotated[bool, typer.Option(
+        help="The generator adds the local tokens of each subject image (paper 3.4.3).")] = True,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
 ) -> None:
     """Make relation triplets (paper 3.3): generate subject and target images, annotate, gate, write triplets.
 
     Kept triplets go to OUTPUT/triplets.parquet (what `train relations` reads); dropped samples, with their stage
-    and reason, to OUTPUT/dropped.parquet; counts to OUTPUT/engine.json. Running again resumes.
+    and reason, to OUTPUT/dropped.parquet; counts, gates and keypoint choices to OUTPUT/engine.json. Running again
+    resumes: samples judged with the same gates are skipped, those judged under other gates are judged again.
     """
-    from batch.engine_job import EngineJobConfig, EngineJobError, run
+    from batch.engine_job import EngineJobConfig, EngineJobError, run, summary_lines
     from batch.engine_worker import EngineConfig
-    from dreamrelation.engine import GateConfig
+    from dreamrelation.engine import KeypointConfig, gates_for
 
     logging.basicConfig(level=logging.WARNING)
+    if generator == "pipeline":
+        from dreamrelation.local_encoder_ref import check_local_tokens
+
+        try:
+            local_encoder = check_local_tokens(preset, local_encoder, local_tokens)
+        except ValueError as exc:
+            fail(str(exc))
     try:
-        gates = GateConfig(detection_threshold=detection_threshold, max_instances=max_instances,
-                           min_keypoint_confidence=min_keypoint_confidence, visibility_threshold=visibility_threshold,
-                           min_clip_r=min_clip_r, min_layout_iou=min_layout_iou, max_subject_iou=max_subject_iou)
+        gates, gates_note = gates_for(preset, detection_threshold=detection_threshold, max_instances=max_instances,
+                                      min_keypoint_confidence=min_keypoint_confidence,
+                                      visibility_threshold=visibility_threshold, min_clip_r=min_clip_r,
+                                      min_layout_iou=min_layout_iou, max_subject_iou=max_subject_iou,
+                                      max_copy_paste_dino=max_copy_paste_dino)
+        keypoints = KeypointConfig(person=person_keypoints, animal=animal_keypoints, animal_pose=animal_pose,
+                                   animal_dataset_index=animal_dataset_index)
         engine = EngineConfig(output=output, preset=preset, generator=generator, api_base=api_base,
                               api_key_env=api_key_env, api_model=api_model, api_size=api_size, device=device,
-                              caption=caption, feature_size=feature_size, gates=gates)
+                              caption=caption, feature_size=feature_size, gates=gates, keypoints=keypoints,
+                              loras=loras, local_encoder=local_encoder, use_local_tokens=local_tokens)
         config = EngineJobConfig(spec=spec, output=output, engine=engine, generate_actors=actors,
                                  annotate_actors=annotate_actors or actors, batch_size=batch_size,
                                  gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, address=address,
                                  resume=resume, retry_errors=retry_errors, executor=executor)
     except ValueError as exc:
         fail(str(exc))
+    if gates_note:
+        typer.echo(gates_note)
     bar, progress = progress_bar("sample", "making triplets")
     try:
         summary = run(config, progress=progress)
@@ -121,14 +159,5 @@ def data_generate(
         fail(str(exc))
     finally:
         bar.close()
-    typer.echo(f"planned {summary['planned']}  made {summary['made']}  dropped {summary['dropped']}  "
-               f"skipped {summary['skipped']}  ({summary['total']['made']} triplets in the dataset)")
-    for reason, n in summary["dropped_by_reason"].items():
-        typer.echo(f"  dropped {n}: {reason}")
-    typer.echo(f"triplets: {summary['triplets']}")
-    if summary["total"]["dropped"]:
-        typer.echo(f"dropped samples and reasons: {summary['dropped_file']}")
-    if preset == "tiny" and summary["dropped"] and not summary["made"]:
-        typer.echo("note: the tiny preset's detector and features are random, so the default gates drop nearly "
-                   "every sample; to try the whole path add "
-                   "--max-instances 16 --max-subject-iou 1 --min-keypoint-confidence 0")
+    for line in summary_lines(summary):
+        typer.echo(line)

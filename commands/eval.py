@@ -36,6 +36,10 @@ def eval_relationbench(
     allow_external_loras: Annotated[bool, typer.Option(
         "--allow-external-loras", help="Let a registry.json map relations to files outside its registry.")] = False,
     preset: Annotated[str, typer.Option(help="'tiny' (noise images), 'sdxl' or a model folder.")] = "tiny",
+    local_encoder: Annotated[Optional[str], typer.Option(
+        help="The distilled local image encoder of every configuration with local tokens: a `train "
+             "distill-encoder` output folder or file, or the authors' epoch_6.pt (default: the preset's; "
+             "--preset sdxl needs it unless every --config is ...:no-local-tokens).")] = None,
     steps: Annotated[int, typer.Option(help="Denoising steps per image.")] = 30,
     size: Annotated[int, typer.Option(help="Image width and height (a multiple of 8).")] = 1024,
     num_images: Annotated[int, typer.Option(help="Images per case (seeds seed, seed+1, ...).")] = 1,
@@ -62,6 +66,7 @@ def eval_relationbench(
     ids = None if relations is None else tuple(r.strip() for r in relations.split(",") if r.strip())
     cfg = EvalConfig(subjects_dir=subjects_dir, output=output, configs=tuple(config), loras=loras, n_single=n_single,
                      n_multi=n_multi, seed=seed, relations=ids, preset=preset, steps=steps, width=size, height=size,
+                     local_encoder=_local_encoder(local_encoder),
                      num_images=num_images, allow_missing=allow_missing,
                      allow_external_loras=allow_external_loras, actors=actors, batch_size=batch_size,
                      gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, device=device, address=address,
@@ -84,3 +89,14 @@ def eval_relationbench(
     typer.echo(storage.read_bytes(summary["files"]["tables.md"]).decode())
     for name, uri in summary["files"].items():
         typer.echo(f"{name}: {uri}")
+
+
+def _local_encoder(ref: str | None) -> str | None:
+    """``--local-encoder`` checked (a local path must hold a checkpoint) and made absolute; whether the preset needs
+    one is checked per configuration, after the checks of a resumed output."""
+    from dreamrelation.local_encoder_ref import local_encoder_ref
+
+    try:
+        return local_encoder_ref(ref)
+    except ValueError as exc:
+        fail(str(exc))

@@ -95,8 +95,9 @@ def generate(
     no_lora: Annotated[bool, typer.Option(
         "--no-lora", help="Generate without a relation LoRA, ignoring the config's lora_weights.")] = False,
     preset: Annotated[str, typer.Option(
-        help="Model: 'sdxl' (public weights), 'tiny' (built-in miniature model with random weights, built once "
-             "under $DREAMRELATION_HOME: its images are noise) or a model folder (see `models build-tiny`).")] = "sdxl",
+        help="Model: 'tiny' (the default, as in `batch submit`: built-in miniature model with random weights, "
+             "built once under $DREAMRELATION_HOME: its images are noise), 'sdxl' (public weights) or a model folder "
+             "(see `models build-tiny`).")] = "tiny",
     output: Annotated[Path, typer.Option(
         help="Folder for k.png, k_layout.png (boxes drawn) and generation.json (the settings used).")
     ] = Path("outputs/generate"),
@@ -117,7 +118,11 @@ def generate(
     negative_prompt: Annotated[Optional[str], typer.Option(
         help=f"Negative prompt (default: the paper's, {DEFAULTS.negative_prompt!r}).")] = None,
     local_tokens: Annotated[bool, typer.Option(
-        help="Add the 16 local tokens per subject (paper 3.4.3).")] = True,
+        help="Add the 16 local tokens per subject (paper 3.4.3); on --preset sdxl they need --local-encoder.")] = True,
+    local_encoder: Annotated[Optional[str], typer.Option(
+        help="The distilled local image encoder: a `train distill-encoder` output folder or its "
+             "local_encoder.safetensors / epoch_N.pt, or the authors' epoch_6.pt (default: the preset's; the tiny "
+             "preset uses its own image encoder).")] = None,
     device: Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda.")] = "cpu",
 ) -> None:
     """Generate images of your SUBJECTS acting out the relation in PROMPT, each placed in its --box.
@@ -174,7 +179,7 @@ def generate(
 
     # 4. Boxes and preset, with the library's own checks (these imports pull in torch)
     from dreamrelation.layout import check_box
-    from dreamrelation.presets import resolve_spec
+    from dreamrelation.presets import check_local_tokens, resolve_spec
 
     for j, b in enumerate(boxes):
         try:
@@ -185,14 +190,19 @@ def generate(
         spec = resolve_spec(preset)
     except ValueError as exc:
         fail(f"--preset: {exc}")
+    try:
+        check_local_tokens(preset, local_encoder, local_tokens)
+    except ValueError as exc:
+        fail(str(exc))
 
     # 5. Load the model (and the relation LoRA)
     from dreamrelation.lora import read_lora_file
     from dreamrelation.presets import load_pipeline
+    from dreamrelation.provenance import local_encoder_record
     from dreamrelation.render import draw_layout
 
     try:
-        pipe = load_pipeline(spec, device=device)
+        pipe = load_pipeline(spec, device=device, local_encoder=local_encoder, use_local_tokens=local_tokens)
     except (OSError, ValueError, RuntimeError) as exc:
         fail(f"could not load preset {preset!r}: {exc}", code=1)
     relation = None
@@ -230,7 +240,8 @@ def generate(
         lora=str(lora_path) if lora_path else None, relation=relation, preset=preset,
         config=str(config) if config else None, seeds=seeds, steps=steps, guidance=guidance, scale=scale,
         width=width, height=height, negative_prompt=DEFAULTS.negative_prompt if negative_prompt is None
-        else negative_prompt, local_tokens=local_tokens, device=device, images=written,
+        else negative_prompt, local_tokens=local_tokens,
+        local_encoder=local_encoder_record(pipe.adapter.encoder, local_tokens), device=device, images=written,
     )
     (output / "generation.json").write_text(json.dumps(record, indent=2))
     for path in written:

@@ -7,7 +7,9 @@ formats) so that tests travel the same ``from_pretrained`` path as the real chec
 * :class:`OwlDetector`: OWLv2 (``google/owlv2-base-patch16-ensemble``), one forward for all text queries;
 * :class:`SamMasker`: SAM ViT-B (``facebook/sam-vit-base``) with box prompts;
 * :class:`Captioner`: BLIP base captioning (``Salesforce/blip-image-captioning-base``);
-* dense features and person pose come from ``dreamrelation.keypoints`` (DINOv2, ViTPose).
+* dense features and pose come from ``dreamrelation.keypoints`` (DINOv2) and ``dreamrelation.pose`` (ViTPose:
+  COCO keypoints of people; a ViTPose++ with an AP-10K head for animals, which has a tiny twin here but no public
+  transformers checkpoint: ``pose.save_vitpose_plus`` makes one from the authors' original weights).
 
 Boxes are normalized ``(x0, y0, x1, y1)`` in the image everywhere in this module. The real architectures are
 written out as configs (``owlv2_base_config`` ...) so tests can build them on the ``meta`` device and prove that
@@ -54,8 +56,10 @@ OWLV2_ID = "google/owlv2-base-patch16-ensemble"
 SAM_ID = "facebook/sam-vit-base"
 CAPTION_ID = "Salesforce/blip-image-captioning-base"
 NMS_IOU = 0.5
-TINY_ANNOTATORS_VERSION = 1  # bump whenever the tiny build changes: cached folders are keyed by it
-SUBDIRS = ("owlv2", "sam", "dinov2", "vitpose", "blip")  # the tiny folder's layout, in AnnotatorRefs order
+TINY_ANNOTATORS_VERSION = 2  # bump whenever the tiny build changes: cached folders are keyed by it
+# the tiny folder's layout, in AnnotatorRefs order; the last (the AP-10K pose model) is optional in a model folder
+SUBDIRS = ("owlv2", "sam", "dinov2", "vitpose", "blip", "vitpose_ap10k")
+REQUIRED_SUBDIRS = SUBDIRS[:5]
 
 
 # ------------------------------------------------------------------------------------------- validation
@@ -233,21 +237,24 @@ class Captioner:
 # ------------------------------------------------------------------------------------------------ refs
 @dataclass(frozen=True)
 class AnnotatorRefs:
-    """Where each annotation model comes from: a hub id or a local ``save_pretrained`` folder."""
+    """Where each annotation model comes from: a hub id or a local ``save_pretrained`` folder. ``pose``: COCO
+    person keypoints; ``animal_pose``: a ViTPose whose head is AP-10K's, None where there is none (the hub)."""
 
     detector: str
     masker: str
     features: str
     pose: str
     captioner: str
+    animal_pose: str | None = None
 
 
 def annotator_refs(preset: str | Path) -> AnnotatorRefs:
     """The annotators of a model preset.
 
     ``"tiny"``: the folders of :func:`tiny_annotator_dir` (built on first use); a folder holding ``owlv2/``,
-    ``sam/``, ``dinov2/``, ``vitpose/`` and ``blip/`` (as written by :func:`build_tiny_annotators`): those folders;
-    ``"sdxl"`` or any other model folder: the public hub ids.
+    ``sam/``, ``dinov2/``, ``vitpose/`` and ``blip/`` (as written by :func:`build_tiny_annotators`): those folders,
+    and ``vitpose_ap10k/`` when it has one; ``"sdxl"`` or any other model folder: the public hub ids (no AP-10K
+    pose model among them).
     """
     from .keypoints import DINOV2_ID
     from .pose import VITPOSE_ID
@@ -263,7 +270,9 @@ def annotator_refs(preset: str | Path) -> AnnotatorRefs:
         return AnnotatorRefs(OWLV2_ID, SAM_ID, DINOV2_ID, VITPOSE_ID, CAPTION_ID)
     else:
         raise ValueError(f"preset must be 'tiny', 'sdxl' or an existing model folder, got {name!r}")
-    return AnnotatorRefs(*(str(folder / sub) for sub in SUBDIRS))
+    animal = folder / SUBDIRS[-1]
+    return AnnotatorRefs(*(str(folder / sub) for sub in REQUIRED_SUBDIRS),
+                         animal_pose=str(animal) if (animal / "config.json").is_file() else None)
 
 
 # ------------------------------------------------------------------------------------ real architectures
@@ -391,12 +400,13 @@ def _build_tiny_blip(directory: Path) -> None:
 
 
 def build_tiny_annotators(directory: str | Path, seed: int = 0) -> Path:
-    """Build every tiny annotator into ``directory`` (``owlv2/ sam/ dinov2/ vitpose/ blip/``); returns it.
+    """Build every tiny annotator into ``directory`` (``owlv2/ sam/ dinov2/ vitpose/ blip/ vitpose_ap10k/``);
+    returns it.
 
     Each model is built under its own seed (``seed + k``) so the build order does not matter; deterministic.
     """
     from .keypoints import build_tiny_dinov2
-    from .pose import build_tiny_vitpose
+    from .pose import build_tiny_vitpose, build_tiny_vitpose_plus
 
     directory = Path(directory)
     builders = {"owlv2": _build_tiny_owlv2, "sam": _build_tiny_sam, "blip": _build_tiny_blip}
@@ -405,6 +415,8 @@ def build_tiny_annotators(directory: str | Path, seed: int = 0) -> Path:
             build_tiny_dinov2(directory / sub, seed=seed + k)
         elif sub == "vitpose":
             build_tiny_vitpose(directory / sub, seed=seed + k)
+        elif sub == "vitpose_ap10k":
+            build_tiny_vitpose_plus(directory / sub, seed=seed + k, dataset="ap10k")
         else:
             torch.manual_seed(seed + k)
             builders[sub](directory / sub)
@@ -412,8 +424,8 @@ def build_tiny_annotators(directory: str | Path, seed: int = 0) -> Path:
     return directory
 
 
-def _complete(folder: Path) -> bool:
-    return all((folder / sub / "config.json").is_file() for sub in SUBDIRS)
+def _complete(folder: Path, subdirs: Sequence[str] = REQUIRED_SUBDIRS) -> bool:
+    return all((folder / sub / "config.json").is_file() for sub in subdirs)
 
 
 def tiny_annotator_dir(seed: int = 0) -> Path:
@@ -421,4 +433,5 @@ def tiny_annotator_dir(seed: int = 0) -> Path:
     from .presets import build_once, cache_root
 
     return build_once(cache_root() / f"tiny-annotators-v{TINY_ANNOTATORS_VERSION}-seed{seed}",
-                      lambda folder: build_tiny_annotators(folder, seed=seed), _complete)
+                      lambda folder: build_tiny_annotators(folder, seed=seed),
+                      lambda folder: _complete(folder, SUBDIRS))

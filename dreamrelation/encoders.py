@@ -5,7 +5,13 @@ For each subject image (RGB, resized to 512x512):
 * global tokens: ``hidden_states[-2]`` of the CLIP vision tower at 224 px -> (1 + P, width) (257 for bigG);
 * local tokens: the CLIPSelf-distilled tower at 896 px, whose last block is run MaskCLIP style (value path
   only, no q.k attention), CLS dropped, ``post_layernorm``, L2-normalized, reshaped to the (g, g) patch grid
-  and roi-aligned (1x1, aligned=True) over a 4x4 grid of equal boxes -> 16 tokens of width ``width``.
+  and roi-aligned (1x1, aligned=True) over an n x n grid of equal boxes (``local_grid``, 4 by default)
+  -> n*n tokens of width ``width`` (16 for the paper's 4x4; its Table 6 also tries 2x2 and 8x8).
+
+The local tower is the CLIPSelf-distilled checkpoint (``load_local_checkpoint``: a ``train distill-encoder``
+output or the authors' ``epoch_6.pt``). Without one, the local tokens come from the global tower itself, which
+only the tiny preset allows (``require_local_model=False``); the real model raises instead of silently using an
+undistilled tower.
 
 Every image is pooled on its own feature map (the public code hands all images subject 0's boxes and tokens).
 The 16 boxes follow the public ``generate_bboxes`` order (x outer, y inner); the Resampler has no positional
@@ -28,14 +34,22 @@ from torch import nn
 from transformers import CLIPVisionModelWithProjection
 
 from .config import LOCAL_GRID, EncoderConfig
+from .local_encoder_ref import (
+    LOCAL_CHECKPOINT_NAME,
+    local_checkpoint_file,
+    pick_local_checkpoint,
+)
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "OPENAI_CLIP_MEAN",
     "OPENAI_CLIP_STD",
+    "LOCAL_CHECKPOINT_NAME",
     "SubjectEncoder",
+    "local_checkpoint_file",
     "local_grid_boxes",
+    "pick_local_checkpoint",
     "open_clip_visual_to_hf",
     "roi_align_1x1",
 ]
@@ -233,9 +247,11 @@ class SubjectEncoder(nn.Module):
 
     Args:
         vision_model: the CLIP vision tower of the global tokens (ViT-bigG for the real model).
-        config: image sizes and whether local tokens are on by default.
+        config: image sizes, the local grid and whether local tokens are on by default.
         local_model: the CLIPSelf-distilled tower of the local tokens; None shares ``vision_model`` until
             ``load_local_checkpoint`` installs a separate copy.
+        require_local_model: local tokens need a distilled ``local_model``: computing them without one raises
+            (the real model); False lets ``vision_model`` stand in (the tiny preset).
     """
 
     def __init__(
@@ -243,11 +259,14 @@ class SubjectEncoder(nn.Module):
         vision_model: CLIPVisionModelWithProjection,
         config: EncoderConfig,
         local_model: CLIPVisionModelWithProjection | None = None,
+        require_local_model: bool = False,
     ) -> None:
         super().__init__()
         self.config = config
         self.vision_model = vision_model
         self.local_model = None if local_model is vision_model else local_model
+        self.require_local_model = require_local_model
+        self.local_source: str | None = None  # the checkpoint the local tower was loaded from (provenance)
         if self.local_model is not None:
             self._check_local_width(self.local_model)
 
@@ -258,8 +277,18 @@ class SubjectEncoder(nn.Module):
 
     @property
     def local_encoder(self) -> CLIPVisionModelWithProjection:
-        """The tower that produces local tokens (``vision_model`` when no local checkpoint is loaded)."""
+        """The tower that produces local tokens (``vision_model`` when no local checkpoint is loaded and
+        ``require_local_model`` is off)."""
+        self.check_local_encoder()
         return self.vision_model if self.local_model is None else self.local_model
+
+    def check_local_encoder(self) -> None:
+        """Raise ``ValueError`` if local tokens cannot be made: a real model with no distilled local tower."""
+        if self.local_model is None and self.require_local_model:
+            raise ValueError(
+                "local tokens are on but no distilled local encoder is loaded (local_encoder=None): pass "
+                "--local-encoder (a `train distill-encoder` output or the authors' epoch_6.pt), or turn local "
+                "tokens off (--no-local-tokens, use_local_tokens=False)")
 
     def _check_local_width(self, model: CLIPVisionModelWithProjection) -> None:
         if model.config.hidden_size != self.width:
@@ -339,22 +368,25 @@ class SubjectEncoder(nn.Module):
         return patches.view(k, g, g, c).permute(0, 3, 1, 2)
 
     def local_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(K, 3, S, S) at ``local_image_size`` -> (K, 16, width): roi-aligned cells of each image's own map."""
+        """(K, 3, S, S) at ``local_image_size`` -> (K, n*n, width), n = ``config.local_grid``: roi-aligned cells
+        of each image's own map."""
         features = self.dense_features(pixel_values)  # (K, C, g, g)
         k, _, h, w = features.shape
         scale = torch.tensor([w, h, w, h], dtype=torch.float32, device=features.device)
-        # (16, 4) normalized -> (K, 16, 4) feature pixels: one box list per image
-        boxes = (local_grid_boxes().to(features.device) * scale).expand(k, -1, -1)
+        # (n*n, 4) normalized -> (K, n*n, 4) feature pixels: one box list per image
+        boxes = (local_grid_boxes(self.config.local_grid).to(features.device) * scale).expand(k, -1, -1)
         return roi_align_1x1(features, boxes, aligned=True)
 
     def forward(self, images: Sequence[Image.Image], use_local_tokens: bool | None = None) -> torch.Tensor:
-        """K subject images -> (K, T, width); T = 1 + P, plus 16 local tokens when ``use_local_tokens``
-        (default ``config.use_local_tokens``)."""
+        """K subject images -> (K, T, width); T = 1 + P, plus ``local_grid**2`` (16) local tokens when
+        ``use_local_tokens`` (default ``config.use_local_tokens``)."""
         use_local = self.config.use_local_tokens if use_local_tokens is None else use_local_tokens
+        if use_local:
+            self.check_local_encoder()  # before any work: the real model has no undistilled fallback
         tokens = self.global_tokens(self.preprocess(images, self.config.image_size))  # (K, 1 + P, width)
         if not use_local:
             return tokens
-        local = self.local_tokens(self.preprocess(images, self.config.local_image_size))  # (K, 16, width)
+        local = self.local_tokens(self.preprocess(images, self.config.local_image_size))  # (K, n*n, width)
         return torch.cat((tokens, local.to(tokens.dtype)), dim=1)
 
     # ------------------------------------------------------------------------------------ loading
@@ -362,13 +394,12 @@ class SubjectEncoder(nn.Module):
         """Install the CLIPSelf local tower from ``path`` and return it.
 
         Accepts a CLIPSelf / OpenCLIP torch checkpoint (``{"epoch", "name", "state_dict", "optimizer"}``, keys
-        maybe prefixed ``module.``; only ``visual.*`` keys are used) or a safetensors file in HF key names.
-        The weights go, with a strict key and shape check, into a copy of ``vision_model`` (same device and
-        dtype) unless a separate ``local_model`` is already installed.
+        maybe prefixed ``module.``; only ``visual.*`` keys are used: the authors' ``epoch_6.pt`` with its text
+        tower and optimizer state loads as is), a safetensors file in HF key names, or a ``train distill-encoder``
+        output folder (``local_checkpoint_file``). The weights go, with a strict key and shape check, into a copy
+        of ``vision_model`` (same device and dtype) unless a separate ``local_model`` is already installed.
         """
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"path {str(path)!r} is not a file")
+        path = local_checkpoint_file(path)
         state = _read_checkpoint(path)
         if any(k.startswith("visual.") for k in state):
             state = open_clip_visual_to_hf(state)
@@ -390,5 +421,6 @@ class SubjectEncoder(nn.Module):
             )
         target.load_state_dict(state, strict=True)
         self.local_model = target
+        self.local_source = str(path)
         logger.info("loaded local image encoder from %s (%d tensors)", path, len(state))
         return target

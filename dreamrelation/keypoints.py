@@ -2,7 +2,8 @@
 
 The paper annotates its triplets with X-Pose, which is on no registry (REFERENCE.md section 3). We do without it:
 
-* ``mask_points``: 17 points spread over a subject's mask in its own (subject) image, well inside the shape;
+* ``mask_points``: 17 points spread over a subject's mask in its own (subject) image, well inside the shape and
+  out onto its limbs (the centre line of a leg thinner than the inset counts as inside);
 * ``transfer_keypoints``: carries them to the target image by dense-feature correspondence: both subjects cropped
   to one scale (by mask area), the cosine nearest neighbour of each point's descriptor among the target feature
   cells inside the subject's target mask, refined to sub-cell precision, with a confidence from the similarity
@@ -10,7 +11,8 @@ The paper annotates its triplets with X-Pose, which is on no registry (REFERENCE
 * ``Dinov2Features`` (DINOv2 patch tokens, the engine's default) and ``ColourFeatures`` (weight-free multi-scale
   colour, a fallback and the reference where the truth is known) are the dense descriptors.
 
-People get ViTPose's 17 COCO keypoints instead (``dreamrelation.pose``).
+People get ViTPose's 17 COCO keypoints and animals its 17 AP-10K keypoints instead (``dreamrelation.pose``,
+chosen by ``dreamrelation.engine.KeypointConfig``); these points are the fallback for everything else.
 
 Coordinates: a pixel (x, y) is (column, row) with pixel centres at integers, so ``mask[round(y), round(x)]`` is
 the pixel a point lies in. A dense feature map (C, h, w) covers its image uniformly: cell (i, j) is centred on
@@ -89,25 +91,39 @@ def _depth(mask: np.ndarray) -> np.ndarray:
     return out
 
 
-def mask_points(mask: np.ndarray, n: int = 17, inset: float = 0.2) -> np.ndarray:
+def _ridge(depth: np.ndarray) -> np.ndarray:
+    """(H, W) int depth -> (H, W) bool: pixels at least as deep as their 8 neighbours (plateaus included), i.e. the
+    centre line of every part of the shape. Medial-axis branches into convex corners are not in it: along them the
+    depth keeps rising inwards, so each has a deeper neighbour."""
+    t = torch.from_numpy(depth).float()[None, None]  # (1, 1, H, W)
+    neighbourhood = F.max_pool2d(t, 3, stride=1, padding=1)[0, 0].numpy()
+    return (depth > 0) & (depth >= neighbourhood)
+
+
+def mask_points(mask: np.ndarray, n: int = 17, inset: float = 0.2, limb_inset: float = 0.1) -> np.ndarray:
     """``n`` points spread over a mask, well inside it: deterministic farthest-point sampling.
 
     The candidates are the pixels at least ``ceil(inset * max depth)`` erosions inside the mask (the inset shrinks
-    when fewer than ``n`` pixels are that deep), so the points keep clear of the outline at any image size. The
-    first point is the deepest pixel (nearest the centroid of the deepest ones); each next point is the candidate
-    farthest from the points so far.
+    when fewer than ``n`` pixels are that deep), so the points keep clear of the outline at any image size, plus
+    the centre lines of the thinner parts (:func:`_ridge`) at least ``ceil(limb_inset * max depth)`` deep: a leg or
+    a tail thinner than the inset would otherwise get no point at all (the engine's issue: 0 of 17 points on legs
+    that are 19% of a dog's mask). The first point is the deepest pixel (nearest the centroid of the deepest ones);
+    each next point is the candidate farthest from the points so far, so the extremities (paws, head, tail) come
+    early.
 
     Args:
         mask: (H, W) boolean subject mask.
         n: how many points (17 for the keypoint matching loss).
         inset: the inset as a fraction of the mask's depth (its inner radius), in [0, 1).
+        limb_inset: the least depth of a thin part's centre line, as a fraction of the mask's depth, in [0, 1).
     Returns:
         (n, 2) float32 pixel (x, y), distinct mask pixels.
     """
     if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
         raise ValueError(f"n must be a positive integer, got {n!r}")
-    if not 0.0 <= inset < 1.0:
-        raise ValueError(f"inset must be in [0, 1), got {inset!r}")
+    for name, value in (("inset", inset), ("limb_inset", limb_inset)):
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {value!r}")
     mask = _check_mask(mask, "mask")
     if int(mask.sum()) < n:
         raise ValueError(f"mask is too small: {int(mask.sum())} pixels for n={n} points")
@@ -116,7 +132,8 @@ def mask_points(mask: np.ndarray, n: int = 17, inset: float = 0.2) -> np.ndarray
     radius = max(1, math.ceil(inset * deepest))
     while radius > 1 and int((depth >= radius).sum()) < n:
         radius -= 1
-    ys, xs = np.nonzero(depth >= radius)
+    limb = max(1, min(radius, math.ceil(limb_inset * deepest)))
+    ys, xs = np.nonzero((depth >= radius) | (_ridge(depth) & (depth >= limb)))
     candidates = np.stack([xs, ys], axis=1).astype(np.float64)  # (N, 2) pixel (x, y), row-major order
     top = candidates[depth[ys, xs] == deepest]
     first = int(np.argmin(((top - top.mean(axis=0)) ** 2).sum(axis=1)))

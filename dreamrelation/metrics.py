@@ -267,6 +267,20 @@ class MetricModels:
         return F.normalize(cls_token.float(), dim=-1).cpu()
 
     # --------------------------------------------------------------------------------------- scores
+    def dino_pair_scores(self, images: Sequence[Image.Image], others: Sequence[Image.Image]) -> list[float]:
+        """DINO of each pair ``(images[k], others[k])``, ``100 * max(cos, 0)`` of their CLS tokens, in one forward.
+
+        The data engine's copy-paste gate (``dreamrelation.engine.check_copy_paste``) scores a subject's crop in the
+        target against its crop in the subject image with it: a target that only pasted the subject image scores
+        near 100.
+        """
+        if len(images) != len(others):
+            raise ValueError(f"others must have one image per image ({len(images)}), got {len(others)}")
+        if len(images) == 0:
+            return []
+        embeds = self.dino_embeds([*images, *others])  # (2K, Dd)
+        return pair_scores(embeds[:len(images)], embeds[len(images):]).tolist()
+
     def score(self, images: Sequence[Image.Image], prompts: Sequence[str], relation_phrases: Sequence[str],
               subject_images: Sequence[Sequence[Image.Image]],
               boxes: Sequence[Sequence[Sequence[float]]]) -> list[dict]:

@@ -28,7 +28,8 @@ CHUNK = 8 * 1024 * 1024
 CACHE_NAME = "fingerprints.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 CONFIG_SUFFIXES = (".json", ".txt", ".model")  # configs, tokenizers (vocab.json, merges.txt, spiece.model)
-MODEL_EXCLUDE = ("adapter", "metrics", "image_encoder")  # a model folder's parts fingerprinted on their own
+# a model folder's parts fingerprinted on their own
+MODEL_EXCLUDE = ("adapter", "metrics", "image_encoder", "local_encoder")
 _SHA256_NAME = re.compile(r"[0-9a-f]{64}")
 
 
@@ -173,10 +174,34 @@ def ref_fingerprint(ref: str | Path) -> str:
     return _path_fingerprint(_resolve(ref))
 
 
+def local_encoder_fingerprint(ref: str | Path) -> str:
+    """16-hex fingerprint of the checkpoint file a local-encoder reference loads: a file, a ``train
+    distill-encoder`` output folder (the file in it that ``encoders.local_checkpoint_file`` picks, so that a folder
+    and its file give the same fingerprint), a URL of either (its cached copy) or a hub ref in the hub cache."""
+    from .encoders import local_checkpoint_file
+
+    if "://" in str(ref):  # a URL: the local copy the loader reads
+        from .presets import local_encoder_file
+
+        return _path_fingerprint(local_encoder_file(str(ref)))
+    return _path_fingerprint(local_checkpoint_file(_resolve(ref)))
+
+
+def local_encoder_record(encoder: Any, use_local_tokens: bool) -> dict[str, Any]:
+    """Which tower made a ``SubjectEncoder``'s local tokens, for cards and records: ``{"used", "source",
+    "fingerprint", "local_grid"}``; ``source`` is the loaded checkpoint (None: the undistilled image encoder
+    itself, as on the tiny preset)."""
+    source = encoder.local_source
+    return {"used": bool(use_local_tokens), "source": source,
+            "fingerprint": local_encoder_fingerprint(source) if source else None,
+            "local_grid": int(encoder.config.local_grid)}
+
+
 def model_fingerprints(preset: str, local_encoder: str | None = None, metrics: bool = True) -> dict[str, str | None]:
     """{"model", "adapter", "image_encoder", "local_encoder", "metrics"} fingerprints of a preset name or model
-    folder (``presets.resolve_spec``); "local_encoder" is None without one, "metrics" None when ``metrics`` is off.
-    "model" covers the SDXL parts only: a model folder's adapter/, metrics/ and image_encoder/ count on their own."""
+    folder (``presets.resolve_spec``); "local_encoder" is None without one (the tiny preset's local tokens come from
+    its image encoder), "metrics" None when ``metrics`` is off. "model" covers the SDXL parts only: a model
+    folder's adapter/, metrics/, image_encoder/ and local_encoder/ count on their own."""
     from .presets import resolve_spec
 
     spec = resolve_spec(preset)
@@ -190,7 +215,8 @@ def model_fingerprints(preset: str, local_encoder: str | None = None, metrics: b
     local = local_encoder or spec.local_encoder
     found: dict[str, str | None] = {
         "model": _path_fingerprint(base, MODEL_EXCLUDE), "adapter": ref_fingerprint(spec.adapter),
-        "image_encoder": image_encoder, "local_encoder": ref_fingerprint(local) if local else None, "metrics": None}
+        "image_encoder": image_encoder, "local_encoder": local_encoder_fingerprint(local) if local else None,
+        "metrics": None}
     if metrics:
         from .metrics import metric_model_refs
 

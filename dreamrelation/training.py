@@ -3,10 +3,11 @@
 Everything but the relation LoRA is frozen (VAE, both text encoders, UNet, image encoder, Resampler,
 ``to_k_ip``/``to_v_ip``; checked before the first step). Per example: target latent ``z0 = E(x_k)``, a timestep and
 noise, the UNet with text, image tokens and boxes predicts the noise; ``L = L_denoise + λ L_KML (+ μ L_attn)``
-(eq. 5-7, weights and gate from a loss profile). AdamW, gradient accumulation to the batch size, a checkpoint every
-K steps and resume from the last one; the randomness of step ``s`` is derived from ``(seed, s)``, so a resumed run
-follows exactly the path of an uninterrupted one. Output: the LoRA in diffusers format plus ``card.json``.
-Distribution (Ray) lives in ``cluster/train_job.py``, never here.
+(eq. 5-7, weights, gate and augmentation from a profile, each overridable: ``resolve_train_config``). AdamW,
+gradient accumulation to the batch size, a checkpoint every K steps and resume from the last one; the randomness
+of step ``s`` is derived from ``(seed, s)``, so a resumed run follows exactly the path of an uninterrupted one.
+Output: the LoRA in diffusers format plus ``card.json``, which records every knob (``TrainConfig`` filled in, the
+loss weights, the KML reduction, the local encoder). Distribution (Ray) lives in ``cluster/train_job.py``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +26,57 @@ import numpy as np
 import torch
 
 from .attention import layout_masks
-from .config import LoRAConfig, TrainConfig
+from .config import TRAIN_PROFILES, LoRAConfig, TrainConfig
 from .data import TripletExample, augment
 from .lora import LORA_WEIGHTS_NAME, add_relation_lora, save_relation_lora
-from .losses import (denoising_loss, keypoint_matching_loss, loss_config, predict_x0, relation_attention_loss,
-                     total_loss)
+from .losses import (LossConfig, denoising_loss, keypoint_matching_loss, loss_config, predict_x0,
+                     relation_attention_loss, total_loss)
+from .provenance import local_encoder_record
 
 logger = logging.getLogger(__name__)
 
 CARD_NAME = "card.json"
+# How L_KML reduces its squared errors (losses.keypoint_matching_loss): the card says it, because eq. 6 read
+# literally sums over the latent channels, which is 4x (SDXL's 4 channels) the mean at the same lambda.
+KML_REDUCTION = ("mean over latent channels x keypoints x subjects (as the authors' public code); eq. 6 read "
+                 "literally sums over the latent channels, i.e. 4x this value at the same kml_weight")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What a training profile fixes unless overridden: the loss weights and KML gate, and augmentation."""
+
+    losses: LossConfig
+    augment: bool
+
+
+PROFILES: dict[str, Profile] = {
+    "paper": Profile(loss_config("paper"), augment=False),  # the public code's crop is a no-op on its 1024 px data
+    "public-code": Profile(loss_config("public-code"), augment=True),
+    "no-kml": Profile(replace(loss_config("paper"), kml_weight=0.0), augment=False),  # the paper's KML ablation
+}
+assert tuple(PROFILES) == TRAIN_PROFILES
+
+
+def resolve_train_config(config: TrainConfig) -> TrainConfig:
+    """``config`` with every knob its profile fills in made explicit (kml_weight, kml_t_max, attention_weight,
+    augment): what a run actually uses, and what its card records. Idempotent."""
+    profile = PROFILES[config.profile]
+    losses = profile.losses
+    return replace(
+        config,
+        kml_weight=float(losses.kml_weight if config.kml_weight is None else config.kml_weight),
+        kml_t_max=losses.kml_t_max if config.kml_t_max is None else config.kml_t_max,
+        attention_weight=float(losses.attention_weight if config.attention_weight is None
+                               else config.attention_weight),
+        augment=profile.augment if config.augment is None else config.augment,
+    )
+
+
+def train_losses(config: TrainConfig) -> LossConfig:
+    """The :class:`LossConfig` of ``config``: its profile's, with the knobs it sets."""
+    full = resolve_train_config(config)
+    return LossConfig(kml_weight=full.kml_weight, kml_t_max=full.kml_t_max, attention_weight=full.attention_weight)
 
 
 class TrainingInterrupted(RuntimeError):
@@ -101,7 +144,9 @@ class _Prepared:
 class RelationLossModel:
     """The frozen model and the relation LoRA being trained, with the per-example loss of eq. 5-7.
 
-    Building it freezes every module, adds the LoRA (fp32 master weights) and checks that only the LoRA trains.
+    Building it freezes every module, adds the LoRA (fp32 master weights) and checks that only the LoRA trains;
+    it also sets the pipeline's local grid to ``config.local_grid`` and, with local tokens on, checks that the
+    model has its distilled local encoder (or may do without: the tiny preset).
     """
 
     def __init__(self, pipe, examples: Sequence[TripletExample], config: TrainConfig, add_lora: bool = True):
@@ -109,9 +154,15 @@ class RelationLossModel:
             raise ValueError("examples is empty: a relation needs at least one triplet")
         from diffusers import DDPMScheduler
 
+        config = resolve_train_config(config)
         self.pipe, self.examples, self.config = pipe, list(examples), config
-        self.losses = loss_config(config.profile)
+        self.losses = train_losses(config)
         self.device = pipe.unet.device
+        encoder = pipe.adapter.encoder
+        if encoder.config.local_grid != config.local_grid:  # the local-grid ablation (paper Table 6)
+            encoder.config = replace(encoder.config, local_grid=config.local_grid)
+        if config.use_local_tokens:
+            encoder.check_local_encoder()  # a real model needs its distilled local encoder: fail before any work
         relation = config.relation
         _freeze(pipe)
         loaded = relation in (getattr(pipe.unet, "peft_config", {}) or {})
@@ -261,9 +312,12 @@ def train_relation_lora(pipe, examples: Sequence[TripletExample], config: TrainC
     pipe.unet.eval()
     lora_path = save_relation_lora(pipe.unet, relation, out) if save else out / LORA_WEIGHTS_NAME
     card = dict(relation=relation, base_model=base_model, profile=config.profile,
-                loss_weights=model.losses.__dict__, data_hash=dataset_hash or data_hash(examples),
+                loss_weights=model.losses.__dict__, kml_reduction=KML_REDUCTION,
+                data_hash=dataset_hash or data_hash(examples),
                 examples=len(examples), steps=config.steps, final_losses=history[-1] if history else {},
-                config=config.to_dict(), seconds=round(time.perf_counter() - t_start, 2), file=LORA_WEIGHTS_NAME)
+                config=model.config.to_dict(),
+                local_encoder=local_encoder_record(pipe.adapter.encoder, model.config.use_local_tokens),
+                seconds=round(time.perf_counter() - t_start, 2), file=LORA_WEIGHTS_NAME)
     if save:
         (out / CARD_NAME).write_text(json.dumps(card, indent=2))
     return TrainResult(lora_path=lora_path, card=card, history=history, resumed_from=start)

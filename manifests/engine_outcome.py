@@ -3,7 +3,8 @@
 ``EngineOutcome`` is what the engine reports per sample (``manifests.relation_spec.EngineSample``): ``made`` (with
 the ``TripletRow`` as JSON) or ``dropped`` at a stage with a short reason code. ``write_outcomes`` /
 ``read_outcomes`` store them as Parquet (atomic writes; a folder of part files reads as one list), like
-``manifests.io.write_results`` / ``read_results``.
+``manifests.io.write_results`` / ``read_results``. ``judged_with`` names the gate and annotation settings that
+judged a sample, so that a rerun under other settings judges it again instead of taking the old verdict as done.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ _REASON = re.compile(r"[a-z][a-z0-9_]{0,63}\Z")
 class EngineOutcome(BaseModel):
     """What became of one sample: ``made`` (``triplet`` holds the ``TripletRow`` as JSON) or ``dropped`` at
     ``stage`` for ``reason`` (a short code such as ``subject_not_found``, ``low_clip_r``, ``generation_error``),
-    with ``detail`` in words. ``metrics``: whatever was measured (CLIP-R, keypoint confidence, ...)."""
+    with ``detail`` in words. ``metrics``: whatever was measured (CLIP-R, keypoint confidence, ...).
+    ``judged_with``: a digest of the settings that judged it (gates, keypoints; None in files written before it
+    existed: unknown settings)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -41,6 +44,7 @@ class EngineOutcome(BaseModel):
     detail: str = ""
     triplet: Optional[str] = None
     metrics: dict[str, Float] = Field(default_factory=dict)
+    judged_with: Optional[str] = None
 
     @model_validator(mode="before")
     @classmethod
@@ -106,6 +110,7 @@ ENGINE_OUTCOME_SCHEMA = pa.schema([
     ("detail", pa.string()),
     ("triplet", pa.string()),
     ("metrics", pa.map_(pa.string(), pa.float64())),
+    ("judged_with", pa.string()),
 ])
 
 

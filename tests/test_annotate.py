@@ -197,12 +197,18 @@ def test_annotator_refs(annotators_dir, tmp_path):
     from dreamrelation.pose import VITPOSE_ID
 
     tiny = annotator_refs("tiny")
-    assert tiny == AnnotatorRefs(*(str(annotators_dir / s) for s in ("owlv2", "sam", "dinov2", "vitpose", "blip")))
+    assert tiny == AnnotatorRefs(*(str(annotators_dir / s) for s in ("owlv2", "sam", "dinov2", "vitpose", "blip")),
+                                 animal_pose=str(annotators_dir / "vitpose_ap10k"))
     assert all((Path(ref) / "config.json").is_file() for ref in vars(tiny).values())
     assert annotator_refs(annotators_dir) == tiny
     real = AnnotatorRefs(OWLV2_ID, SAM_ID, DINOV2_ID, VITPOSE_ID, CAPTION_ID)
-    assert annotator_refs("sdxl") == real
+    assert annotator_refs("sdxl") == real and real.animal_pose is None  # no public AP-10K head
     assert annotator_refs(tmp_path) == real  # a model folder without annotators
+    for sub in ("owlv2", "sam", "dinov2", "vitpose", "blip"):  # a folder made before the AP-10K twin existed
+        (tmp_path / "old" / sub).mkdir(parents=True)
+        (tmp_path / "old" / sub / "config.json").write_text("{}")
+    old = annotator_refs(tmp_path / "old")
+    assert old.pose == str(tmp_path / "old" / "vitpose") and old.animal_pose is None
     with pytest.raises(ValueError, match="preset.*'nope'"):
         annotator_refs("nope")
 
@@ -214,13 +220,14 @@ def test_tiny_annotators_build_once_and_load(annotators_dir):
 
     assert annotators_dir.name == f"tiny-annotators-v{annotate.TINY_ANNOTATORS_VERSION}-seed0"
     weights = sorted(annotators_dir.rglob("*.safetensors"))
-    assert len(weights) == 5
+    assert len(weights) == 6
     before = {p: p.stat().st_mtime_ns for p in weights}
     assert annotate.tiny_annotator_dir() == annotators_dir
     assert {p: p.stat().st_mtime_ns for p in weights} == before
     assert not [p for p in annotators_dir.parent.iterdir() if p.name.startswith(".tiny-annotators-")]
     for cls, sub in ((Owlv2ForObjectDetection, "owlv2"), (SamModel, "sam"), (Dinov2Model, "dinov2"),
-                     (VitPoseForPoseEstimation, "vitpose"), (BlipForConditionalGeneration, "blip")):
+                     (VitPoseForPoseEstimation, "vitpose"), (BlipForConditionalGeneration, "blip"),
+                     (VitPoseForPoseEstimation, "vitpose_ap10k")):
         model = cls.from_pretrained(annotators_dir / sub)
         assert sum(p.numel() for p in model.parameters()) < 2_000_000
 

@@ -116,11 +116,13 @@ def test_generate_two_subjects(runner, files, tiny_dir, tmp_path):
     assert record["negative_prompt"]  # the default is written out, not left implicit
 
 
-def test_generate_defaults_to_the_models_native_size(runner, files, tmp_path):
+def test_generate_defaults_to_the_tiny_preset_at_its_native_size(runner, files, tmp_path):
+    """No --preset: the tiny preset, as `batch submit` (the only model this machine has); no size: the model's."""
     out = tmp_path / "out"
     result = invoke(runner, ["generate", "--prompt", "a dog is hugging a cat", *subject_args(files), *BOXES,
-                             "--preset", "tiny", "--steps", "1", "--output", out])
+                             "--steps", "1", "--output", out])
     assert result.exit_code == 0, result.output
+    assert json.loads((out / "generation.json").read_text())["preset"] == "tiny"
     assert Image.open(out / "0.png").size == (128, 128)  # tiny: unet sample_size 16 x vae factor 8
 
 

@@ -1,7 +1,8 @@
 """The ``data import-public``, ``train relations`` and ``train distill-encoder`` commands (typer CliRunner).
 
 Bad input exits with code 2 and an ``error:`` line before any model is loaded or Ray is started; ``train relations``
-end to end runs 2 steps per relation on the session's local Ray; distillation runs one epoch on the tiny preset.
+end to end runs the README's command (2 steps) in a subprocess from a working folder, with its own local Ray;
+distillation runs one epoch on the tiny preset.
 """
 
 from __future__ import annotations
@@ -128,6 +129,7 @@ def test_train_relations_bad_input_fails_before_ray(runner, tmp_path, no_ray):
         (["--relations", "hugging", "--steps", "0"], ["--steps", "0"]),
         (["--relations", "hugging", "--batch-size", "0"], ["--batch-size"]),
         (["--relations", "hugging,dancing"], ["no valid triplets for relation 'dancing'"]),
+        (["--relations", "hugging", "--name", "a/b"], ["name", "'a/b'"]),
     ]
     for extra, expected in cases:
         result = invoke(runner, *base, *extra)
@@ -141,22 +143,61 @@ def test_train_relations_bad_input_fails_before_ray(runner, tmp_path, no_ray):
     assert "error:" in result.stderr and "not found" in result.stderr
 
 
+def _readme_command() -> list[str]:
+    """The README's local `train relations` command (under "Make the triplets"), as arguments."""
+    import shlex
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    lines = [line for line in readme.splitlines() if line.startswith("dreamrelation train relations out/engine")]
+    assert len(lines) == 1, lines
+    return shlex.split(lines[0])[1:]
+
+
 @pytest.mark.slow
 @pytest.mark.ray
-def test_train_relations_end_to_end(runner, ray_local, tmp_path):
-    from manifests.registry import LoRARegistry
+def test_readme_command_with_relative_paths_trains_reports_and_reruns(runner, tiny_dir, tmp_path, monkeypatch,
+                                                                      no_ray):
+    """The README's command, literally (plus a short recipe), from a working folder: relative paths mean that
+    folder inside Ray's trials too; a rerun is reported as done, other settings under the name are refused."""
+    import json
+    import os
+    import subprocess
+    import sys
 
-    data = str(tmp_path / "data")
-    write_synthetic_triplets(data, relations=("hugging", "shaking_hands"), per_relation=1)
-    run = tmp_path / "run"
-    result = invoke(runner, "train", "relations", data, "--relations", "hugging,shaking_hands", "--steps", "2",
-                    "--batch-size", "1", "--checkpoint-every", "1", "--output", run, "--name", "cli-test")
-    assert result.exit_code == 0, result.output
-    registry = LoRARegistry(str(run / "loras"))
-    assert registry.relations() == ["hugging", "shaking_hands"]
-    for relation in ("hugging", "shaking_hands"):
-        assert f"{relation}: ok  {registry.uri(relation)}" in result.stdout, result.stdout
-        assert registry.card(relation)["steps"] == 2
+    from cluster.train_job import TrainJobConfig
+    from manifests.registry import LoRARegistry
+    from test_train_job import _scratch_folders
+
+    write_synthetic_triplets(str(tmp_path / "out" / "engine"), relations=("hugging",), per_relation=1)
+    args = [*_readme_command(), "--steps", "2", "--batch-size", "1", "--checkpoint-every", "1"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray, as a user's
+    proc = subprocess.run([sys.executable, str(Path(cli.__file__).resolve()), *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run_dir = tmp_path / "out" / "train" / "train-relations"
+    lora = LoRARegistry(str(tmp_path / "out" / "loras")).uri("hugging")
+    assert lora == f"{tmp_path}/out/loras/hugging/pytorch_lora_weights.safetensors"
+    assert proc.stdout.splitlines()[-2:] == [
+        f"hugging: ok  lora: {lora}  loss curve: {run_dir}/loss-hugging.png",
+        f"metrics: {run_dir}/metrics.jsonl"], proc.stdout
+    assert "Traceback" not in proc.stderr and "None" not in proc.stdout, proc.stderr
+    assert "hugging: loss " in proc.stderr and "2/2" in proc.stderr  # the progress bar, with the current loss
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["relation"], r["step"]) for r in rows] == [("hugging", 1), ("hugging", 2)]
+    assert all(isinstance(r[k], float) for r in rows for k in ("loss", "denoise", "kml", "attention"))
+    assert (run_dir / "loss-hugging.png").read_bytes().startswith(PNG)
+    assert json.loads((tmp_path / "out" / "loras" / "hugging" / "card.json").read_text())["steps"] == 2
+    assert _scratch_folders(TrainJobConfig(data="", relations=("hugging",), output=f"{tmp_path}/out/train")) == []
+
+    # the same command again (no Ray): already done, where its LoRA is; other settings: refused, exit 2
+    monkeypatch.chdir(tmp_path)
+    again = invoke(runner, *args)
+    assert again.exit_code == 0, again.output
+    assert "is already done" in again.stdout and f"hugging: done  lora: {lora}" in again.stdout, again.stdout
+    changed = invoke(runner, *args[:-6], "--steps", "3", "--batch-size", "1", "--checkpoint-every", "1")
+    assert changed.exit_code == 2, changed.output
+    assert changed.stderr.count("\n") == 1 and "error: run 'train-relations'" in changed.stderr
+    assert "steps: 2 in the run, 3 now" in changed.stderr and "--name" in changed.stderr, changed.stderr
 
 
 # ------------------------------------------------------------------------------------------------- distill-encoder

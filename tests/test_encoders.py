@@ -276,3 +276,80 @@ def test_local_model_width_must_match():
     other = CLIPVisionModelWithProjection(CLIPVisionConfig(**{**VISION, "hidden_size": 16, "num_attention_heads": 2}))
     with pytest.raises(ValueError, match="local_model width 16"):
         SubjectEncoder(_vision(0), CONFIG, local_model=other)
+
+
+# ----------------------------------------------------------------------------------- local grid (Table 6)
+@pytest.mark.parametrize("grid", [2, 4, 8])
+def test_local_grid_pools_equal_cells_of_the_dense_map(encoder, grid):
+    """n x n local tokens are the mean features of the n x n equal cells of the 8 x 8 map, x outer, y inner."""
+    config = EncoderConfig(image_size=28, local_image_size=56, subject_resize=32, local_grid=grid)
+    sized = SubjectEncoder(encoder.vision_model, config)
+    images = [_image(6), _image(7)]
+    with torch.no_grad():
+        pixels = sized.preprocess(images, config.local_image_size)
+        tokens = sized.local_tokens(pixels)
+        dense = sized.dense_features(pixels)  # (K, C, 8, 8)
+        all_tokens = sized(images)
+    pooled = F.adaptive_avg_pool2d(dense, grid)  # (K, C, y, x)
+    expected = pooled.permute(0, 3, 2, 1).reshape(2, grid * grid, -1)  # (K, x, y, C) -> (K, n*n, C)
+    assert tokens.shape == (2, grid * grid, 32)
+    torch.testing.assert_close(tokens, expected, rtol=1e-5, atol=1e-6)
+    assert all_tokens.shape == (2, GLOBAL_TOKENS + grid * grid, 32)
+
+
+def test_local_grid_is_validated():
+    with pytest.raises(ValueError, match="local_grid must be a positive integer, got 0"):
+        EncoderConfig(local_grid=0)
+
+
+# ------------------------------------------------------------------ the authors' epoch_6.pt, distill outputs
+def _authors_epoch_6(path, model: CLIPVisionModelWithProjection) -> None:
+    """A checkpoint in the layout of the authors' CLIPSelf ``epoch_6.pt``: a DDP-prefixed OpenCLIP state dict with
+    the whole text tower, plus the epoch, the run name and a real AdamW optimizer state."""
+    visual = hf_to_open_clip_visual({k: v.clone() for k, v in model.state_dict().items()})
+    width, layers = 16, 2
+    text = {"token_embedding.weight": torch.randn(49, width), "positional_embedding": torch.randn(77, width),
+            "ln_final.weight": torch.ones(width), "ln_final.bias": torch.zeros(width),
+            "text_projection": torch.randn(width, 16), "logit_scale": torch.tensor(4.6052)}
+    for i in range(layers):
+        block = f"transformer.resblocks.{i}."
+        text.update({f"{block}ln_1.weight": torch.ones(width), f"{block}ln_1.bias": torch.zeros(width),
+                     f"{block}attn.in_proj_weight": torch.randn(3 * width, width),
+                     f"{block}attn.in_proj_bias": torch.zeros(3 * width),
+                     f"{block}attn.out_proj.weight": torch.randn(width, width),
+                     f"{block}attn.out_proj.bias": torch.zeros(width), f"{block}ln_2.weight": torch.ones(width),
+                     f"{block}ln_2.bias": torch.zeros(width), f"{block}mlp.c_fc.weight": torch.randn(4 * width, width),
+                     f"{block}mlp.c_fc.bias": torch.zeros(4 * width),
+                     f"{block}mlp.c_proj.weight": torch.randn(width, 4 * width),
+                     f"{block}mlp.c_proj.bias": torch.zeros(width)})
+    params = [torch.nn.Parameter(torch.randn(3, 3)), torch.nn.Parameter(torch.randn(3))]
+    optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.1)
+    sum(p.sum() for p in params).backward()
+    optimizer.step()
+    state = {f"module.{k}": v for k, v in {**visual, **text}.items()}
+    torch.save({"epoch": 6, "name": "2023_11_clipself_bigG", "state_dict": state,
+                "optimizer": optimizer.state_dict()}, path)
+
+
+def test_the_authors_epoch_6_layout_loads_from_its_folder(tmp_path):
+    from dreamrelation.encoders import local_checkpoint_file
+
+    source = _vision(8)
+    _authors_epoch_6(tmp_path / "epoch_6.pt", source)
+    encoder = SubjectEncoder(_vision(0), CONFIG, require_local_model=True)
+    with pytest.raises(ValueError, match="no distilled local encoder is loaded"):
+        encoder([_image(8)])
+    assert encoder([_image(8)], use_local_tokens=False).shape == (1, GLOBAL_TOKENS, 32)  # global only: fine
+    encoder.load_local_checkpoint(tmp_path)  # the folder: its epoch_N.pt of the highest N
+    assert encoder.local_source == str(tmp_path / "epoch_6.pt")
+    pixels = encoder.preprocess([_image(8), _image(9)], CONFIG.local_image_size)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder.local_tokens(pixels), SubjectEncoder(source, CONFIG).local_tokens(pixels))
+    # a distill output folder: local_encoder.safetensors wins over the epoch files; else the newest epoch
+    (tmp_path / "epoch_10.pt").write_bytes(b"")
+    assert local_checkpoint_file(tmp_path) == tmp_path / "epoch_10.pt"
+    (tmp_path / "local_encoder.safetensors").write_bytes(b"")
+    assert local_checkpoint_file(tmp_path) == tmp_path / "local_encoder.safetensors"
+    assert local_checkpoint_file(tmp_path / "epoch_6.pt") == tmp_path / "epoch_6.pt"
+    with pytest.raises(ValueError, match="is neither a checkpoint file nor a folder"):
+        local_checkpoint_file(tmp_path / "missing.pt")

@@ -1,5 +1,7 @@
-"""The data engine without Ray: gates on crafted detections, the annotator on synthetic images with known truth,
-the pipeline's plain text-to-image, and the images-API generator end to end against a local HTTP server."""
+"""The data engine without Ray: gates on crafted detections, the annotator on synthetic images with known truth
+(keypoint layouts per class and their fallback, the copy-paste gate with real DINO), the preset's default gates, the
+pipeline's plain text-to-image, relation-LoRA targets, and the images-API generator end to end against a local
+HTTP server."""
 
 from __future__ import annotations
 
@@ -21,8 +23,9 @@ from PIL import Image
 from conftest import FAST, invoke, make_subject
 from dreamrelation.annotate import Detection
 from dreamrelation.engine import (
-    Annotation, Annotator, Drop, GateConfig, box_iou, box_mask, check_clip_r, check_keypoints, check_layout,
-    check_overlap, clean_box, pick_detections,
+    TINY_GATES, TINY_GATES_NOTE, Annotation, Annotator, Drop, GateConfig, KeypointConfig, box_iou, box_mask,
+    check_clip_r, check_copy_paste, check_keypoints, check_layout, check_overlap, clean_box, default_gates,
+    gates_for, pick_detections,
 )
 from dreamrelation.generators import edit_prompt
 
@@ -30,8 +33,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 ROOT = Path(__file__).resolve().parents[1]
 LORAS = ROOT / "manifests" / "examples" / "loras"
-PERMISSIVE = GateConfig(detection_threshold=0.0, max_instances=10_000, min_keypoint_confidence=0.0,
-                        max_subject_iou=None)
+PERMISSIVE = replace(TINY_GATES, visibility_threshold=0.5)  # every gate measured, none drops
 
 
 def det(box, score=0.9) -> Detection:
@@ -101,9 +103,27 @@ def test_box_helpers():
     assert mask.shape == (20, 40) and mask.sum() == 16 * 10 and mask[5:15, 4:20].all()
 
 
+def test_copy_paste_gate_drops_a_subject_crop_too_like_its_subject_image():
+    assert check_copy_paste([89.9, 90.0], 90.0) is None  # equal passes
+    drop = check_copy_paste([40.0, 93.5], 90.0)
+    assert (drop.stage, drop.reason) == ("gate", "copy_paste") and "subject 1: DINO 93.500" in drop.detail
+    assert check_copy_paste([99.0, None], None) is None and check_copy_paste([None], 10.0) is None
+
+
+def test_default_gates_are_the_presets_and_say_so_for_tiny():
+    real = default_gates("sdxl")
+    assert real == GateConfig() and (real.min_clip_r, real.max_copy_paste_dino) == (17.0, 90.0)  # both on
+    assert default_gates("tiny") == TINY_GATES and TINY_GATES.min_clip_r == 0.0  # on, at a value noise passes
+    assert default_gates("sdxl", metrics=False).min_clip_r is None
+    assert gates_for("tiny") == (TINY_GATES, TINY_GATES_NOTE)
+    gates, note = gates_for("tiny", min_clip_r=5.0, max_instances=None)
+    assert gates == replace(TINY_GATES, min_clip_r=5.0) and note == f"{TINY_GATES_NOTE} (except min_clip_r, given)"
+    assert gates_for("sdxl", max_subject_iou=1.0) == (replace(GateConfig(), max_subject_iou=1.0), None)
+
+
 @pytest.mark.parametrize("field, value", [
     ("detection_threshold", 1.5), ("max_instances", 0), ("min_keypoint_confidence", -0.1),
-    ("min_clip_r", 101.0), ("min_layout_iou", "0.5"), ("max_subject_iou", 2.0),
+    ("min_clip_r", 101.0), ("min_layout_iou", "0.5"), ("max_subject_iou", 2.0), ("max_copy_paste_dino", -1.0),
 ])
 def test_gate_config_names_the_bad_field(field, value):
     with pytest.raises(ValueError, match=f"{field} must .* got {re.escape(repr(value))}"):
@@ -179,13 +199,17 @@ def perfect_masker(image, boxes):
 
 
 class FixedScorer:
-    def __init__(self, clip_r: float):
-        self.clip_r, self.calls = clip_r, []
+    def __init__(self, clip_r: float, copy_paste=(40.0, 45.0)):
+        self.clip_r, self.copy_paste, self.calls, self.pairs = clip_r, list(copy_paste), [], []
 
     def score(self, images, prompts, relation_phrases, subject_images, boxes):
         self.calls.append((prompts, relation_phrases, boxes))
         return [{"clip_t": 31.0, "clip_r": self.clip_r, "clip_i": 55.0, "clip_i_crop": 50.0, "dino": 40.0}
                 for _ in images]
+
+    def dino_pair_scores(self, images, others):
+        self.pairs.append([(a.size, b.size) for a, b in zip(images, others)])
+        return self.copy_paste[:len(images)]
 
 
 class FakePose:
@@ -207,22 +231,26 @@ def scene() -> Scene:
     return Scene()
 
 
-def annotator_for(scene: Scene, gates=PERMISSIVE, clip_r=25.0, pose=None, phrases=("dog", "cat")):
+def annotator_for(scene: Scene, gates=PERMISSIVE, clip_r=25.0, poses=None, phrases=("dog", "cat"), scorer=None):
     from dreamrelation.keypoints import ColourFeatures
 
     detector = ScriptedDetector()
     for j, phrase in enumerate(phrases):
         detector.table[(key(scene.target), phrase)] = [det(scene.target_boxes[j], 0.8)]
         detector.table[(key(scene.subjects[j]), phrase)] = [det(scene.subject_boxes[j], 0.9)]
-    return Annotator(detector, perfect_masker, ColourFeatures(), pose=pose, scorer=FixedScorer(clip_r), gates=gates)
+    return Annotator(detector, perfect_masker, ColourFeatures(), poses=poses, scorer=scorer or FixedScorer(clip_r),
+                     gates=gates)
 
 
 def test_annotator_carries_points_to_where_the_subjects_moved(scene):
+    # dog and cat ask for AP-10K keypoints; with no pose model for them they fall back to carried points
     annotator = annotator_for(scene, gates=GateConfig(min_keypoint_confidence=0.3))
     result = annotator.annotate(scene.target, scene.subjects, ["dog", "cat"], [LEFT, RIGHT], "A dog hugs a cat.",
                                 "hugs")
     assert isinstance(result, Annotation), result
     assert result.layouts == "points,points" and result.clip_r == 25.0 and result.caption is None
+    assert (result.metrics["copy_paste_dino_0"], result.metrics["copy_paste_dino_1"]) == (40.0, 45.0)
+    assert annotator.scorer.pairs == [[((24, 24), (24, 24))] * 2]  # each subject's crop: target vs subject image
     assert annotator.scorer.calls[0][1] == ["hugs"]
     errors = []
     for j, s in enumerate(result.subjects):
@@ -269,7 +297,7 @@ def test_annotator_drops_with_reason_and_keeps_the_metrics(scene):
 def test_people_get_vitpose_keypoints_in_the_coco_layout(scene):
     scores = np.linspace(0.0, 1.0, 17)
     pose = FakePose(scores)
-    result = annotator_for(scene, pose=pose, phrases=("person", "cat")).annotate(
+    result = annotator_for(scene, poses={"coco": pose}, phrases=("person", "cat")).annotate(
         scene.target, scene.subjects, ["person", "cat"], [LEFT, RIGHT], "A person hugs a cat.", "hugs")
     assert result.layouts == "coco,points" and pose.calls == 2
     person = result.subjects[0]
@@ -279,6 +307,68 @@ def test_people_get_vitpose_keypoints_in_the_coco_layout(scene):
     x0, y0, x1, y1 = scene.target_boxes[0]
     np.testing.assert_allclose(person.target_keypoints[:, 0], np.clip((x0 + t * (x1 - x0)) + 0.5 / 64, 0, 1),
                                atol=1e-5)
+
+
+def test_animals_get_ap10k_keypoints_unless_the_pose_model_is_unsure(scene):
+    sure, unsure = FakePose(np.full(17, 0.8)), FakePose(np.full(17, 0.2))
+    gates = replace(PERMISSIVE, min_keypoint_confidence=0.3)
+    result = annotator_for(scene, gates=gates, poses={"ap10k": sure}).annotate(
+        scene.target, scene.subjects, ["dog", "cat"], [LEFT, RIGHT], "A dog hugs a cat.", "hugs")
+    assert result.layouts == "ap10k,ap10k" and sure.calls == 4  # subject image and target, per subject
+    np.testing.assert_allclose(result.subjects[1].confidence, 0.8, atol=1e-6)
+    assert "pose_confidence_0" not in result.metrics
+    # less confident than the keypoint gate: dense correspondence instead, the pose model's confidence recorded
+    result = annotator_for(scene, gates=gates, poses={"ap10k": unsure}).annotate(
+        scene.target, scene.subjects, ["dog", "cat"], [LEFT, RIGHT], "A dog hugs a cat.", "hugs")
+    assert result.layouts == "points,points" and result.metrics["pose_confidence_1"] == pytest.approx(0.2)
+    # the layout a class asks for is configurable: animals as points never call the pose model
+    annotator = annotator_for(scene, gates=gates, poses={"ap10k": sure})
+    annotator.keypoints = KeypointConfig(animal="points")
+    assert annotator.annotate(scene.target, scene.subjects, ["dog", "cat"], [LEFT, RIGHT], "p", "hugs").layouts \
+        == "points,points" and sure.calls == 4
+
+
+def test_copy_paste_gate_with_real_dino_drops_a_pasted_subject(scene):
+    """The scene's target pastes each subject image's disc unchanged: DINO of the crops is 100, a copy."""
+    from dreamrelation.metrics import MetricModels, build_tiny_metric_components
+
+    scorer = MetricModels.from_models(**build_tiny_metric_components(seed=0))
+    gates = replace(PERMISSIVE, max_copy_paste_dino=99.9)
+    drop = annotator_for(scene, gates=gates, scorer=scorer).annotate(
+        scene.target, scene.subjects, ["dog", "cat"], [LEFT, RIGHT], "A dog hugs a cat.", "hugs")
+    assert (drop.stage, drop.reason) == ("gate", "copy_paste") and "subject 0" in drop.detail
+    assert drop.metrics["copy_paste_dino_0"] == pytest.approx(100.0, abs=1e-3)
+    # the subject turned over in the target (a new pose of the same texture) is no copy
+    turned = np.asarray(scene.target).copy()
+    x0, y0 = scene.target_xy[0]
+    turned[y0:y0 + 24, x0:x0 + 24] = turned[y0:y0 + 24, x0:x0 + 24][::-1, ::-1]
+    scene.target = Image.fromarray(turned)
+    made = annotator_for(scene, gates=replace(gates, max_copy_paste_dino=None), scorer=scorer).annotate(
+        scene.target, scene.subjects, ["dog", "cat"], [LEFT, RIGHT], "A dog hugs a cat.", "hugs")
+    assert isinstance(made, Annotation), made
+    assert made.metrics["copy_paste_dino_0"] < made.metrics["copy_paste_dino_1"] == pytest.approx(100.0, abs=1e-3)
+    assert scorer.dino_pair_scores([scene.subjects[0]], [scene.subjects[0]]) == [pytest.approx(100.0, abs=1e-3)]
+    with pytest.raises(ValueError, match=r"others must have one image per image \(1\), got 0"):
+        scorer.dino_pair_scores([scene.subjects[0]], [])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"person": "openpose"}, "person keypoints must be one of ['coco', 'points'], got 'openpose'"),
+    ({"animal": "coco"}, "animal keypoints must be one of ['ap10k', 'points'], got 'coco'"),
+    ({"animal_classes": "dog"}, "animal_classes must be a list of non-empty class names, got 'dog'"),
+    ({"person_classes": ["dog"]}, "person_classes and animal_classes must not share classes, got ['dog']"),
+    ({"animal_dataset_index": -1}, "animal_dataset_index must be an integer >= 0 (AP-10K: 3), got -1"),
+])
+def test_keypoint_config_names_the_bad_field(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        KeypointConfig(**kwargs)
+
+
+def test_keypoint_layout_by_class():
+    config = KeypointConfig()
+    assert [config.layout(c) for c in ("Person", "dog", "polar  bear", "teddy bear", "robot")] == \
+        ["coco", "ap10k", "ap10k", "points", "points"]
+    assert KeypointConfig(person="points", animal_classes=["robot"]).layout("robot") == "ap10k"
 
 
 # ------------------------------------------------------------------------------------------ text-to-image
@@ -323,6 +413,50 @@ def test_text_to_image_uses_no_image_tokens_and_no_relation_lora(pipe, subjects)
         with torch.no_grad():
             for p, w in zip(processors, saved):
                 p.to_k_ip.weight.copy_(w)
+
+
+def test_targets_use_the_relation_lora_the_registry_has_and_record_it(pipe, tmp_path):
+    from batch.engine_worker import GENERATION_FILE, EngineConfig, GenerateStage, RelationPipe
+    from dreamrelation.generators import PipelineGenerator
+    from manifests.registry import LoRARegistry
+    from manifests.relation_spec import expand_specs
+
+    registry = LoRARegistry(str(tmp_path / "loras"))
+    registry.register("hugging", str(LORAS / "hugging"))  # shaking_hands has no LoRA there
+    samples = expand_specs([{"relation": r, "templates": ["A {0} hugs a {1}."], "class_sets": [["dog", "cat"]],
+                             "count": 1, "width": 64, "height": 64, "steps": 2} for r in ("hugging", "shaking_hands")])
+    generator = PipelineGenerator(RelationPipe(pipe))
+    with_loras = GenerateStage(EngineConfig(output=str(tmp_path / "a"), loras=registry.root), generator=generator)
+    plain = GenerateStage(EngineConfig(output=str(tmp_path / "b")), generator=generator)
+    try:
+        records = with_loras.process(samples)
+        base = plain.process(samples)
+    finally:
+        pipe.unload_relation_lora("hugging")
+    assert records[0]["target_lora"] == f"hugging@{registry.fingerprint('hugging')}"
+    assert records[1]["target_lora"] is None and base[0]["target_lora"] is None
+    pixels = lambda uri: np.asarray(Image.open(uri), float)  # noqa: E731
+    assert np.abs(pixels(records[0]["target_uri"]) - pixels(base[0]["target_uri"])).mean() > 0.5  # the LoRA acted
+    np.testing.assert_array_equal(pixels(records[1]["target_uri"]), pixels(base[1]["target_uri"]))  # no LoRA: same
+    for a, b in zip(records[0]["subject_uris"], base[0]["subject_uris"]):  # subjects never get a LoRA
+        np.testing.assert_array_equal(pixels(a), pixels(b))
+    info = json.loads((tmp_path / "a" / "images" / "hugging-00000" / GENERATION_FILE).read_text())
+    assert info["target_lora"] == records[0]["target_lora"] and info["generator"] == "pipeline"
+
+    # judged again: the images are reused (the generator is not called), unless they were made for another sample
+    class Refuses:
+        name = "pipeline"
+
+        def subject_images(self, *args):
+            raise RuntimeError("generated again")
+
+    again = GenerateStage(EngineConfig(output=str(tmp_path / "a")), generator=Refuses())
+    reused = again.process(samples[:1], reuse={"hugging-00000"})[0]
+    assert reused["reused"] and reused["target_uri"] == records[0]["target_uri"]
+    assert reused["target_lora"] == records[0]["target_lora"] and reused["error"] is None
+    changed = samples[0].model_copy(update={"seed": samples[0].seed + 1})
+    assert "generated again" in again.process([changed], reuse={"hugging-00000"})[0]["error"]
+    assert "generated again" in again.process(samples[:1])[0]["error"]  # not asked to reuse: generates
 
 
 @pytest.mark.parametrize("args, match", [
@@ -440,7 +574,8 @@ def test_api_generator_stages_end_to_end(images_server, tmp_path, annotators_dir
     assert made.status == "made" and made.reason is None and made.metrics["clip_r"] >= 0
     row = TripletRow.model_validate_json(made.triplet)
     assert row.target == records[0]["target_uri"] and row.relation_phrase == "hugging"
-    assert row.metadata["generator"] == "api:gpt-image-1" and row.metadata["keypoint_layouts"] == "points,points"
+    assert row.metadata["generator"] == "api:gpt-image-1" and row.metadata["keypoint_layouts"] == "ap10k,ap10k"
+    assert row.metadata["target_lora"] == ""  # an images API takes no relation LoRA
     for j, s in enumerate(row.subjects):
         mask = np.asarray(Image.open(s.mask))
         assert s.mask.endswith(f"mask_{j}.png") and mask.shape == (64, 64) and set(np.unique(mask)) <= {0, 255}
@@ -495,6 +630,8 @@ def test_api_run_accounts_for_every_sample(images_server, tmp_path, annotators_d
     (["--generator", "api"], "generator 'api' needs api_base"),
     (["--generator", "dalle"], "generator must be one of ['pipeline', 'api'], got 'dalle'"),
     (["--min-clip-r", "150"], "min_clip_r must be None or a number in [0, 100]"),
+    (["--max-copy-paste-dino", "120"], "max_copy_paste_dino must be None or a number in [0, 100]"),
+    (["--animal-keypoints", "coco"], "animal keypoints must be one of ['ap10k', 'points'], got 'coco'"),
     (["--actors", "0"], "generate_actors must be an integer >= 1, got 0"),
     (["--executor", "slurm"], "executor must be one of ['ray', 'local'], got 'slurm'"),
 ])

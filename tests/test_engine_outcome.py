@@ -73,6 +73,15 @@ def test_outcomes_folder_with_nulls_and_missing_columns(tmp_path):
     back = read_outcomes(str(tmp_path / "parts"))
     assert [o.sample_id for o in back] == ["hugging-00007", "hugging-00000", "hugging-00001"]
     assert (back[0].detail, back[0].metrics, back[0].reason) == ("", {}, "generation_error")
+    assert back[0].judged_with is None  # written before the column existed: judged under unknown settings
+
+
+def test_outcomes_keep_the_settings_that_judged_them(tmp_path):
+    rows = [o.model_copy(update={"judged_with": "0123abcd4567ef89"}) for o in outcomes(n=2)]
+    write_outcomes(rows, str(tmp_path / "a.parquet"))
+    back = read_outcomes(str(tmp_path / "a.parquet"))
+    assert back == rows and [o.judged_with for o in back] == ["0123abcd4567ef89"] * 2
+    assert read_table(str(tmp_path / "a.parquet")).schema.field("judged_with").type == pa.string()
 
 
 @pytest.mark.parametrize("changes, words", [

@@ -148,6 +148,34 @@ def test_mask_points_handles_thin_and_small_masks():
     assert mask_points(line, n=3).shape == (3, 2)
 
 
+def _quadruped(scale: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(mask, legs): a 40 x 100 px body on four 6 x 40 px legs (19% of the mask), times ``scale``."""
+    mask = np.zeros((120 * scale, 160 * scale), bool)
+    mask[30 * scale:70 * scale, 20 * scale:120 * scale] = True
+    for x0 in (24, 40, 96, 110):
+        mask[70 * scale:110 * scale, x0 * scale:(x0 + 6) * scale] = True
+    legs = mask.copy()
+    legs[:70 * scale] = False
+    return mask, legs
+
+
+@pytest.mark.parametrize("scale", [1, 2])
+def test_mask_points_reach_the_legs(scale):
+    """Legs thinner than the inset still get points (on their centre lines): the engine's old sampler put 0 of 17
+    on legs that are 19% of the mask."""
+    mask, legs = _quadruped(scale)
+    assert 0.18 < legs.sum() / mask.sum() < 0.2
+    points = mask_points(mask)
+    xs, ys = points[:, 0].astype(int), points[:, 1].astype(int)
+    assert mask[ys, xs].all() and len({(x, y) for x, y in zip(xs, ys)}) == 17
+    on_legs = legs[ys, xs]
+    assert on_legs.sum() >= 4  # at least one per leg's worth; the body keeps the rest
+    for x0 in (24, 40, 96, 110):  # every leg has a point, on its centre line (2 of 6 px from either side)
+        leg = on_legs & (xs >= x0 * scale) & (xs < (x0 + 6) * scale)
+        assert leg.any() and (np.abs(xs[leg] - (x0 + 2.5) * scale) <= 0.5 * scale + 0.5).all()
+    assert _inner_distance(mask, points).min() >= 2 * scale  # still off the outline
+
+
 @pytest.mark.parametrize("mask, n, message", [
     (np.zeros((32, 32), bool), 17, r"mask is empty"),
     (np.eye(8, dtype=bool), 17, r"mask is too small: 8 pixels for n=17"),

@@ -146,3 +146,14 @@ def test_cli_help_lists_the_commands():
     done = _run(["cli.py", "models", "--help"])
     assert done.returncode == 0, done.stderr
     assert "build-tiny" in done.stdout
+
+
+def test_the_batch_driver_never_imports_torch():
+    """`batch submit`'s driver (the job, the Ray Data pipeline, the worker's config, the local-encoder check, the
+    report) stays free of torch and the model libraries: they are the actors' (a bounded, fast-starting driver)."""
+    probe = ("import sys, batch.job, batch.pipeline, batch.report, batch.worker, batch.evaluate, "
+             "dreamrelation.local_encoder_ref as r; r.check_local_tokens('tiny', None, True); "
+             "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'peft') if m in sys.modules))")
+    done = _run(["-c", probe])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]", f"the batch driver pulls in {done.stdout.strip()}"

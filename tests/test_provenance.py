@@ -168,3 +168,27 @@ def test_tiny_preset_fingerprints(tiny_dir, tmp_path):
     local = tmp_path / "clipself.pt"
     local.write_bytes(b"local encoder")
     assert HEX16.fullmatch(model_fingerprints(str(copy), local_encoder=str(local), metrics=False)["local_encoder"])
+
+
+def test_local_encoder_fingerprint_is_the_loaded_files(home, tmp_path):
+    """A distill output folder and the file in it that the loader picks share one fingerprint; a model folder's
+    local_encoder/ is not part of its "model" fingerprint."""
+    from dreamrelation.provenance import MODEL_EXCLUDE, local_encoder_fingerprint
+
+    out = tmp_path / "distilled"
+    out.mkdir()
+    (out / "epoch_2.pt").write_bytes(b"epoch 2")
+    (out / "local_encoder.json").write_text("{}")
+    assert local_encoder_fingerprint(out) == local_encoder_fingerprint(out / "epoch_2.pt") == \
+        ref_fingerprint(out / "epoch_2.pt")
+    (out / "epoch_6.pt").write_bytes(b"epoch 6")
+    assert local_encoder_fingerprint(out) == ref_fingerprint(out / "epoch_6.pt") != ref_fingerprint(out / "epoch_2.pt")
+    (out / "local_encoder.safetensors").write_bytes(b"weights")
+    assert local_encoder_fingerprint(out) == ref_fingerprint(out / "local_encoder.safetensors")
+    with pytest.raises(FileNotFoundError):
+        local_encoder_fingerprint(tmp_path / "missing")
+
+    model = _model_folder(tmp_path / "model")
+    before = folder_fingerprint(model, MODEL_EXCLUDE)
+    shutil.copytree(out, model / "local_encoder")
+    assert folder_fingerprint(model, MODEL_EXCLUDE) == before

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,8 @@ import torch
 from conftest import make_subject
 from dreamrelation.config import TrainConfig
 from dreamrelation.data import TripletExample
-from dreamrelation.training import RelationLossModel, TrainingInterrupted, train_relation_lora
+from dreamrelation.training import (RelationLossModel, TrainingInterrupted, resolve_train_config,
+                                    train_relation_lora)
 
 
 def synthetic_examples(n: int = 2, seed: int = 0) -> list[TripletExample]:
@@ -169,3 +172,85 @@ def test_config_errors_name_the_field():
         loss_config("fast")
     with pytest.raises(ValueError, match="examples is empty"):
         train_relation_lora(None, [], config(), "/tmp/unused")
+
+
+# ------------------------------------------------------------------------------------------------ ablations
+@pytest.mark.parametrize("profile, expected", [
+    ("paper", dict(kml_weight=1e-3, kml_t_max=None, attention_weight=0.0, augment=False)),
+    ("public-code", dict(kml_weight=0.1, kml_t_max=333, attention_weight=1e-3, augment=True)),
+    ("no-kml", dict(kml_weight=0.0, kml_t_max=None, attention_weight=0.0, augment=False)),
+])
+def test_profiles_fill_in_every_knob_and_options_override_them(profile, expected):
+    full = resolve_train_config(TrainConfig(relation="r", profile=profile))
+    assert {k: getattr(full, k) for k in expected} == expected
+    assert resolve_train_config(full) == full  # idempotent: a card's config trains the same run again
+    knobs = dict(kml_weight=0.5, kml_t_max=999, attention_weight=0.25, augment=not expected["augment"])
+    assert {k: getattr(resolve_train_config(TrainConfig(relation="r", profile=profile, **knobs)), k)
+            for k in knobs} == knobs
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(profile="fast"), "profile must be one of ['paper', 'public-code', 'no-kml'], got 'fast'"),
+    (dict(kml_weight=-1.0), "kml_weight must be a finite number >= 0, got -1.0"),
+    (dict(attention_weight=float("inf")), "attention_weight must be a finite number >= 0, got inf"),
+    (dict(kml_t_max=1000), "kml_t_max must be an integer in [0, 999], got 1000"),
+    (dict(learning_rate=0.0), "learning_rate must be a finite number > 0, got 0.0"),
+    (dict(seed=-1), "seed must be an integer >= 0, got -1"),
+    (dict(rank=0), "rank must be a positive integer, got 0"),
+    (dict(local_grid=0), "local_grid must be a positive integer, got 0"),
+])
+def test_knob_errors_name_the_field(kwargs, message):
+    with pytest.raises(ValueError) as info:
+        TrainConfig(relation="r", **kwargs)
+    assert str(info.value) == message
+
+
+def test_no_kml_profile_trains_on_the_denoising_loss_alone(tiny_dir):
+    model = RelationLossModel(fresh(tiny_dir), synthetic_examples(1), config(profile="no-kml", augment=None))
+    assert (model.losses.kml_weight, model.config.augment) == (0.0, False)
+    loss, parts = model.example_loss(0, np.random.default_rng(0), timestep=100)
+    assert float(parts["kml"].detach()) > 0
+    assert float(loss.detach()) == pytest.approx(float(parts["denoise"].detach()), rel=1e-6)
+
+
+def test_every_knob_reaches_the_run_and_its_card(tiny_dir, tmp_path):
+    cfg = config(steps=1, batch_size=1, kml_weight=0.5, kml_t_max=500, attention_weight=0.01, rank=2,
+                 learning_rate=2e-3, seed=3, augment=None, local_grid=2, profile="public-code")
+    pipe = fresh(tiny_dir)
+    result = train_relation_lora(pipe, synthetic_examples(1), cfg, tmp_path)
+    card = json.loads((tmp_path / "card.json").read_text())
+    assert card == json.loads(json.dumps(result.card))
+    assert card["config"] == {**cfg.to_dict(), "augment": True}  # every knob, the profile's augment filled in
+    assert card["loss_weights"] == {"kml_weight": 0.5, "kml_t_max": 500, "attention_weight": 0.01}
+    assert "mean over latent channels" in card["kml_reduction"] and "sums" in card["kml_reduction"]
+    assert card["local_encoder"] == {"used": True, "source": None, "fingerprint": None, "local_grid": 2}
+    lora_a = [p for n, p in pipe.unet.named_parameters() if ".lora_A.hugging." in n]
+    assert lora_a and all(p.shape[0] == 2 for p in lora_a)  # rank 2
+    assert pipe.adapter.encoder.config.local_grid == 2
+    tokens = pipe.encode_subjects(synthetic_examples(1)[0].subject_images)
+    assert tokens.shape[1] == 1 + (32 // 8) ** 2 + 4  # 2 x 2 local tokens per subject
+
+
+def test_cli_train_relations_names_the_bad_knob(runner, tmp_path):
+    import cli
+
+    for args, message in ((["--kml-max-t", "1000"], "--kml-max-t must be an integer in [0, 999], got 1000"),
+                          (["--lr", "0"], "--lr must be a finite number > 0, got 0.0"),
+                          (["--attention-loss-weight", "-1"], "--attention-loss-weight must be a finite number >= 0"),
+                          (["--local-grid", "0"], "--local-grid must be a positive integer, got 0"),
+                          (["--profile", "fast"], "--profile must be one of ['paper', 'public-code', 'no-kml']")):
+        result = runner.invoke(cli.app, ["train", "relations", str(tmp_path / "data"), "--relations", "r", *args])
+        assert result.exit_code == 2 and f"error: {message}" in result.stderr, (args, result.output)
+
+
+def test_train_job_passes_the_knobs_on(tmp_path):
+    from cluster.train_job import TrainJobConfig
+
+    job = TrainJobConfig(data="d", relations=("r",), profile="no-kml", seed=7, learning_rate=3e-4, rank=8,
+                         kml_weight=0.2, kml_t_max=100, attention_weight=0.1, augment=True, local_grid=8,
+                         use_local_tokens=False, local_encoder=str(tmp_path / "enc"))
+    cfg = job.train_config("r")
+    assert (cfg.profile, cfg.seed, cfg.learning_rate, cfg.rank, cfg.kml_weight, cfg.kml_t_max, cfg.attention_weight,
+            cfg.augment, cfg.local_grid, cfg.use_local_tokens) == ("no-kml", 7, 3e-4, 8, 0.2, 100, 0.1, True, 8, False)
+    default = TrainJobConfig(data="d", relations=("r",)).train_config("r")
+    assert default == TrainConfig(relation="r", resolution=64)  # unset knobs: TrainConfig's and the profile's
