@@ -226,15 +226,24 @@ def small_manifest(tmp_path: Path, n: int = 6, prefix: str = "s") -> Path:
 
 
 @pytest.mark.slow
-def test_a_run_refuses_other_settings_and_names_each_difference(ray_local, tmp_path):
+def test_a_run_refuses_other_settings_and_names_each_difference(ray_local, tmp_path, monkeypatch):
+    """The first submission, from another folder with relative paths, records absolute URIs (result images resolve
+    from anywhere); the same run spelled with absolute paths is the same run; other settings are refused."""
     from batch.job import submit
     from batch.worker import WorkerConfig
     from manifests.run_record import RunMismatch
     from manifests.schema import GateSpec
 
     manifest = small_manifest(tmp_path)
-    out = tmp_path / "out"
-    first = submit(job(manifest, out, batch_size=2))
+    out = tmp_path / "work" / "out"
+    out.parent.mkdir()
+    monkeypatch.chdir(out.parent)
+    first = submit(job("../s.parquet", "out", batch_size=2, loras=os.path.relpath(EXAMPLE_LORAS, out.parent)))
+    assert first["run"]["settings"]["manifest"] == str(manifest)
+    assert first["run"]["settings"]["loras"] == str(EXAMPLE_LORAS) and first["run"]["output"] == str(out)
+    monkeypatch.chdir(tmp_path)
+    for r in ledger_records(str(out)):
+        assert all(Path(u).is_absolute() and Path(u).is_file() for u in r["images"])
     before = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file() and p.name != "lease.json")
     gate = GateSpec(thresholds={"clip_i": 50.0})
     for config, words in [
@@ -305,26 +314,6 @@ def test_errors_are_retried_only_when_asked_and_no_resume_starts_a_new_generatio
     assert submit(job(manifest, out, check_images=False))["attempt"]["counts"]["skipped"] == 4
 
 
-@pytest.mark.slow
-def test_paths_are_absolute_uris_whatever_the_working_folder(ray_local, tmp_path, monkeypatch):
-    """Relative --output / manifest / --loras from another folder: the run records absolute URIs, and result image
-    URIs resolve from anywhere (keys relative to the run folder, resolved by the ledger)."""
-    from batch.job import submit
-
-    small_manifest(tmp_path, n=2)
-    work = tmp_path / "work"
-    work.mkdir()
-    monkeypatch.chdir(work)
-    summary = submit(job("../s.parquet", "out", loras=os.path.relpath(EXAMPLE_LORAS, work)))
-    assert summary["run"]["settings"]["manifest"] == str(tmp_path / "s.parquet")
-    assert summary["run"]["settings"]["loras"] == str(EXAMPLE_LORAS)
-    assert summary["run"]["output"] == str(work / "out")
-    monkeypatch.chdir(tmp_path)
-    for r in ledger_records(str(work / "out")):
-        assert all(Path(u).is_absolute() and Path(u).is_file() for u in r["images"])
-
-
-# ---- one writer at a time -------------------------------------------------------------------------------------
 def _count_results(out: Path) -> int:
     folder = out / "results"
     if not folder.is_dir():
