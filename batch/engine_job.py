@@ -28,8 +28,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from dreamrelation.data import LAYOUTS_KEY
-from dreamrelation.engine import TINY_GATES, TINY_GATES_NOTE, resolve_keypoints
+from dreamrelation.engine.gates import TINY_GATES, TINY_GATES_NOTE, resolve_keypoints
+from dreamrelation.train.data import LAYOUTS_KEY
 from manifests import storage
 from manifests.engine_outcome import EngineOutcome, read_outcomes, write_outcomes
 from manifests.relation_spec import expand_specs, read_relation_specs

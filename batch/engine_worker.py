@@ -1,14 +1,14 @@
 """The plain cores of the data engine's actors: samples in, images written, outcomes out. No Ray here.
 
-* :class:`GenerateStage` holds a generator (``dreamrelation.generators.PipelineGenerator`` or ``APIGenerator``) and
-  turns engine samples (``manifests.relation_spec.EngineSample``) into images written atomically to
+* :class:`GenerateStage` holds a generator (``dreamrelation.engine.generators.PipelineGenerator`` or ``APIGenerator``)
+  and turns engine samples (``manifests.relation_spec.EngineSample``) into images written atomically to
   ``{output}/images/{sample_id}/subject_{j}.png`` and ``target.png`` (then ``generation.json``: what made them),
   returning one record per sample (the sample, the image URIs, or the generation error). With a LoRA registry
   (``EngineConfig.loras``) a relation that has a LoRA there gets its target from the pipeline with that LoRA on
-  (recorded as ``target_lora``); the others, and every API target, come from the base adapter alone. A sample
-  being judged again (other gates) keeps its images when they are still there.
-* :class:`AnnotateStage` holds the annotators (``dreamrelation.engine.Annotator``) and turns those records into one
-  ``EngineOutcome`` per sample: ``made`` with its ``TripletRow`` (target masks written to ``mask_{j}.png``), or
+  (recorded as ``target_lora``); the others, and every API target, come from the base adapter alone. A sample being
+  judged again (other gates) keeps its images when they are still there.
+* :class:`AnnotateStage` holds the annotators (``dreamrelation.engine.gates.Annotator``) and turns those records
+  into one ``EngineOutcome`` per sample: ``made`` with its ``TripletRow`` (target masks written to ``mask_{j}.png``), or
   ``dropped`` with the stage, a reason code and the detail. :meth:`AnnotateStage.process_and_write` also writes the
   batch's outcomes to ``{output}/outcomes/part-{digest}.parquet`` (a name fixed by the batch's sample ids, written
   atomically), which is what a rerun reads to resume.
@@ -32,7 +32,13 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from dreamrelation.engine import Annotation, Drop, GateConfig, KeypointConfig, default_gates
+from dreamrelation.engine.gates import (
+    Annotation,
+    Drop,
+    GateConfig,
+    KeypointConfig,
+    default_gates,
+)
 from manifests import storage
 from manifests.engine_outcome import EngineOutcome, write_outcomes
 from manifests.relation_spec import EngineSample
@@ -117,14 +123,14 @@ def _device(config: EngineConfig) -> tuple[str, Any]:
 
 def build_generator(config: EngineConfig):
     """The generator ``config`` names (loads the pipeline, or makes an images API client)."""
-    from dreamrelation.generators import APIGenerator, PipelineGenerator
+    from dreamrelation.engine.generators import APIGenerator, PipelineGenerator
 
     if config.generator == "api":
-        from dreamrelation.images_api import from_env
+        from dreamrelation.engine.images_api import from_env
 
         return APIGenerator(from_env(config.api_base, config.api_key_env, model=config.api_model,
                                      size=config.api_size))
-    from dreamrelation.presets import load_pipeline
+    from dreamrelation.model.presets import load_pipeline
 
     device, dtype = _device(config)
     pipe = load_pipeline(config.preset, device=device, dtype=dtype, local_encoder=config.local_encoder,
@@ -187,7 +193,8 @@ class GenerateStage:
     """Build once per process (it loads the generator); call :meth:`process` on lists of samples."""
 
     def __init__(self, config: EngineConfig, generator=None) -> None:
-        """``generator``: an already built :class:`~dreamrelation.generators.Generator` instead of ``config``'s."""
+        """``generator``: an already built :class:`~dreamrelation.engine.generators.Generator` instead of
+        ``config``'s."""
         self.config = config
         self.generator = generator if generator is not None else build_generator(config)
         self.registry = None
@@ -289,10 +296,10 @@ class AnnotateStage:
     """Build once per process (it loads the annotators); call :meth:`process` on generated records."""
 
     def __init__(self, config: EngineConfig, annotator=None) -> None:
-        """``annotator``: an already built :class:`~dreamrelation.engine.Annotator` instead of ``config``'s."""
+        """``annotator``: an already built :class:`~dreamrelation.engine.gates.Annotator` instead of ``config``'s."""
         self.config = config
         if annotator is None:
-            from dreamrelation.engine import Annotator
+            from dreamrelation.engine.gates import Annotator
 
             device, _ = _device(config)
             annotator = Annotator.from_preset(config.preset, gates=config.gates, device=device,
@@ -339,7 +346,7 @@ class AnnotateStage:
     def _triplet(self, sample: EngineSample, record: dict[str, Any], phrase: str,
                  annotation: Annotation) -> TripletRow:
         """The kept sample as a TripletRow (target masks written beside its images)."""
-        from dreamrelation.data import LAYOUTS_KEY
+        from dreamrelation.train.data import LAYOUTS_KEY
 
         subjects = []
         for j, s in enumerate(annotation.subjects):

@@ -30,11 +30,17 @@ from typing import Any
 import numpy as np
 
 from manifests import storage
-from manifests.io import read_table, table_to_rows, write_manifest
 from manifests.access import AccessPolicy
+from manifests.io import read_table, table_to_rows, write_manifest
 from manifests.registry import CARD_NAME, REGISTRY_FILE, WEIGHTS_NAME, LoRARegistry
+from manifests.relationbench import (
+    KINDS,
+    build_cases,
+    case_kind,
+    subjects_from_dir,
+    template,
+)
 from manifests.run_record import RunFormatError, differences, read_run
-from manifests.relationbench import KINDS, build_cases, case_kind, subjects_from_dir, template
 from manifests.schema import GenerationRow, check_key
 
 logger = logging.getLogger(__name__)
@@ -223,7 +229,7 @@ def _prepare_output(config: EvalConfig, cases: list[GenerationRow], runs: list[P
                  else storage.join(config.output, "manifests", f"{r.configuration.name}.parquet") for r in runs}
     for run in runs:  # every check before the first write
         _check_previous_run(run, config, manifests[run.configuration.name])
-    from dreamrelation.local_encoder_ref import check_local_tokens
+    from dreamrelation.model.local_encoder_ref import check_local_tokens
 
     for run in runs:  # local tokens on a real preset need its distilled local encoder (--local-encoder)
         check_local_tokens(config.preset, config.local_encoder, run.configuration.use_local_tokens)

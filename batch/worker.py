@@ -135,7 +135,7 @@ class Worker:
         """``pipe`` / ``scorer``: already built models to use instead of loading ``config.preset`` (benchmarks)."""
         import torch
 
-        from dreamrelation.presets import load_pipeline
+        from dreamrelation.model.presets import load_pipeline
 
         from .cache import LoRACache, SubjectEncodingCache
 

@@ -30,18 +30,18 @@ RELATIONS = ("hugging", "shaking_hands", "riding", "carrying")
 
 
 def build_pipeline(tiny: bool, device: str, dtype: torch.dtype):
-    from dreamrelation.adapter import ImagePromptAdapter
-    from dreamrelation.config import AdapterConfig
-    from dreamrelation.encoders import SubjectEncoder
-    from dreamrelation.pipeline import DreamRelationPipeline
+    from dreamrelation.model.adapter import ImagePromptAdapter
+    from dreamrelation.model.config import AdapterConfig
+    from dreamrelation.model.encoders import SubjectEncoder
+    from dreamrelation.model.pipeline import DreamRelationPipeline
 
     if tiny:
-        from dreamrelation.tiny import TINY_ADAPTER, build_tiny_components
+        from dreamrelation.model.tiny import TINY_ADAPTER, build_tiny_components
 
         parts, cfg = build_tiny_components(), TINY_ADAPTER
         parts = {k: (v.to(device, dtype) if isinstance(v, torch.nn.Module) else v) for k, v in parts.items()}
     else:
-        from dreamrelation.architectures import sdxl_components
+        from dreamrelation.model.architectures import sdxl_components
 
         parts, cfg = sdxl_components(device=device, dtype=dtype), AdapterConfig()
     vision = parts.pop("image_encoder")
@@ -55,7 +55,7 @@ def build_scorer(tiny: bool, device: str):
     from transformers import CLIPConfig, CLIPModel, ViTConfig, ViTModel
 
     from dreamrelation.metrics import MetricModels, build_tiny_metric_components
-    from dreamrelation.tiny import build_tokenizer
+    from dreamrelation.model.tiny import build_tokenizer
 
     if tiny:
         m = build_tiny_metric_components()
@@ -74,7 +74,7 @@ def build_scorer(tiny: bool, device: str):
 
 
 def make_loras(pipe, root: str) -> None:
-    from dreamrelation.lora import add_relation_lora, save_relation_lora
+    from dreamrelation.model.lora import add_relation_lora, save_relation_lora
     from manifests.registry import LoRARegistry
 
     registry = LoRARegistry(root)

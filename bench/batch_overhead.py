@@ -98,7 +98,7 @@ def main() -> None:
     args = ap.parse_args()
     load_before = os.getloadavg()[0]
     # the tiny model is built once, in another process: this one has not imported torch when the loop starts
-    subprocess.run([sys.executable, "-c", "from dreamrelation.presets import tiny_model_dir; tiny_model_dir()"],
+    subprocess.run([sys.executable, "-c", "from dreamrelation.model.presets import tiny_model_dir; tiny_model_dir()"],
                    check=True, cwd=ROOT, capture_output=True)
     tmp = Path(tempfile.mkdtemp(prefix="bench-batch-"))
     manifest, manifest2 = str(tmp / "manifest.parquet"), str(tmp / "manifest-2x.parquet")

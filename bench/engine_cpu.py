@@ -1,7 +1,7 @@
 """The relation-aware data engine on a CPU: keypoint transfer, the annotation models at their real sizes, the tiny
 engine end to end. Prints figures; asserts nothing.
 
-1. Keypoints (``dreamrelation.keypoints``) on 1024x1024 synthetic images (a textured ellipse covering ~30% of the
+1. Keypoints (``dreamrelation.engine.keypoints``) on 1024x1024 synthetic images (a textured ellipse covering ~30% of the
    image; the target shows it moved and shrunk): ``mask_points`` on its mask, and one ``transfer_keypoints`` call
    (17 points, 448 px crops) with ``ColourFeatures`` and with ``Dinov2Features`` at the real dinov2-base
    architecture (``dinov2_base_config``, ViT-B/14, input 448 -> 32x32 patches).
@@ -166,16 +166,24 @@ def build_real(kind: str, directory: Path, seed: int = 0) -> None:
     if kind == "dinov2":
         from transformers import BitImageProcessor, Dinov2Model
 
-        from dreamrelation.keypoints import IMAGENET_MEAN, IMAGENET_STD, dinov2_base_config
+        from dreamrelation.engine.keypoints import (
+            IMAGENET_MEAN,
+            IMAGENET_STD,
+            dinov2_base_config,
+        )
 
         Dinov2Model(dinov2_base_config()).save_pretrained(directory)
         BitImageProcessor(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224},
                           image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD).save_pretrained(directory)
     elif kind == "owlv2":
-        from transformers import Owlv2ForObjectDetection, Owlv2ImageProcessorPil, Owlv2Processor
+        from transformers import (
+            Owlv2ForObjectDetection,
+            Owlv2ImageProcessorPil,
+            Owlv2Processor,
+        )
 
-        from dreamrelation.annotate import owlv2_base_config
-        from dreamrelation.tiny import build_tokenizer
+        from dreamrelation.engine.annotate import owlv2_base_config
+        from dreamrelation.model.tiny import build_tokenizer
 
         config = owlv2_base_config()
         config.initializer_range = 0.02  # as the tiny twin: the default (1.0) makes every box degenerate
@@ -187,7 +195,7 @@ def build_real(kind: str, directory: Path, seed: int = 0) -> None:
     elif kind == "sam":
         from transformers import SamImageProcessorPil, SamModel, SamProcessor
 
-        from dreamrelation.annotate import sam_vit_base_config
+        from dreamrelation.engine.annotate import sam_vit_base_config
 
         SamModel(sam_vit_base_config()).save_pretrained(directory)
         SamProcessor(image_processor=SamImageProcessorPil(
@@ -195,9 +203,13 @@ def build_real(kind: str, directory: Path, seed: int = 0) -> None:
             mask_size={"longest_edge": 256}, mask_pad_size={"height": 256, "width": 256},
         )).save_pretrained(directory)
     elif kind == "blip":
-        from transformers import BlipForConditionalGeneration, BlipImageProcessorPil, BlipProcessor
+        from transformers import (
+            BlipForConditionalGeneration,
+            BlipImageProcessorPil,
+            BlipProcessor,
+        )
 
-        from dreamrelation.annotate import blip_base_config, build_blip_tokenizer
+        from dreamrelation.engine.annotate import blip_base_config, build_blip_tokenizer
 
         BlipForConditionalGeneration(blip_base_config()).save_pretrained(directory)
         BlipProcessor(image_processor=BlipImageProcessorPil(size={"height": 384, "width": 384}),
@@ -205,7 +217,7 @@ def build_real(kind: str, directory: Path, seed: int = 0) -> None:
     elif kind == "vitpose":
         from transformers import VitPoseForPoseEstimation, VitPoseImageProcessorPil
 
-        from dreamrelation.pose import vitpose_base_config
+        from dreamrelation.engine.pose import vitpose_base_config
 
         VitPoseForPoseEstimation(vitpose_base_config()).save_pretrained(directory)
         VitPoseImageProcessorPil(size={"height": 256, "width": 192}).save_pretrained(directory)
@@ -217,7 +229,7 @@ def load_and_call(kind: str, ref: Path, image, repeats: int) -> dict:
     """Load ``kind`` from ``ref`` through the project's class and time one call on ``image``."""
     t = time.perf_counter()
     if kind == "owlv2":
-        from dreamrelation.annotate import OwlDetector
+        from dreamrelation.engine.annotate import OwlDetector
 
         backend = OwlDetector(ref)
         model = backend.model
@@ -226,14 +238,14 @@ def load_and_call(kind: str, ref: Path, image, repeats: int) -> dict:
         what = "detect 2 phrases (threshold 0.1)"
         note = lambda: "boxes kept per phrase " + "/".join(str(len(d)) for d in out["found"])  # noqa: E731
     elif kind == "sam":
-        from dreamrelation.annotate import SamMasker
+        from dreamrelation.engine.annotate import SamMasker
 
         backend = SamMasker(ref)
         model = backend.model
         call = lambda: backend(image, [[0.05, 0.2, 0.5, 0.9], [0.5, 0.15, 0.95, 0.85]])  # noqa: E731
         what, note = "2 boxes -> 2 masks", lambda: ""
     elif kind == "blip":
-        from dreamrelation.annotate import Captioner
+        from dreamrelation.engine.annotate import Captioner
 
         backend = Captioner(ref, max_new_tokens=20)
         model = backend.model
@@ -249,7 +261,7 @@ def load_and_call(kind: str, ref: Path, image, repeats: int) -> dict:
         what = "caption, greedy, max 20 new tokens"
         note = lambda: f"output length {lengths[-1]} tokens (prompt included)"  # noqa: E731
     elif kind == "vitpose":
-        from dreamrelation.pose import VitPoseKeypoints
+        from dreamrelation.engine.pose import VitPoseKeypoints
 
         backend = VitPoseKeypoints(ref)
         model = backend.model
@@ -264,7 +276,12 @@ def load_and_call(kind: str, ref: Path, image, repeats: int) -> dict:
 
 # ----------------------------------------------------------------------------------------------------- parts
 def part_keypoints(repeats: int, work: Path) -> None:
-    from dreamrelation.keypoints import ColourFeatures, Dinov2Features, mask_points, transfer_keypoints
+    from dreamrelation.engine.keypoints import (
+        ColourFeatures,
+        Dinov2Features,
+        mask_points,
+        transfer_keypoints,
+    )
 
     source, source_mask, target, target_mask = scene()
     print(f"\n## 1. Keypoint transfer, {SIZE}x{SIZE} (source mask {source_mask.mean():.1%} of the image, target "
@@ -291,8 +308,9 @@ def part_keypoints(repeats: int, work: Path) -> None:
     t = time.perf_counter()
     dino = Dinov2Features(ref, size=448)
     load = time.perf_counter() - t
-    median, times = timed(lambda: transfer_keypoints(dino, source, points, source_mask, target, target_mask),
-                          repeats)
+    # noqa F821: ruff sees the `del dino` below; the lambda runs before it
+    median, times = timed(lambda: transfer_keypoints(dino, source, points, source_mask, target,  # noqa: F821
+                                                     target_mask), repeats)
     print(f"| transfer_keypoints, Dinov2Features (dinov2-base, random weights, 448 -> 32x32) | {median:.3f} | "
           f"{min(times):.3f} | {max(times):.3f} | 2 forwards per call; {params(dino.model):.1f}M params, load "
           f"{load:.1f} s (build + save {build:.1f} s), RSS {before:.0f} MiB before load, peak "
@@ -345,9 +363,9 @@ def spec_with(samples: int | None, directory: Path) -> Path:
 def part_engine(samples: int | None, work: Path) -> None:
     from batch.engine_job import EngineJobConfig, run
     from batch.engine_worker import EngineConfig
-    from dreamrelation.annotate import tiny_annotator_dir
-    from dreamrelation.engine import gates_for
-    from dreamrelation.presets import tiny_model_dir
+    from dreamrelation.engine.annotate import tiny_annotator_dir
+    from dreamrelation.engine.gates import gates_for
+    from dreamrelation.model.presets import tiny_model_dir
 
     t = time.perf_counter()
     tiny_model_dir(), tiny_annotator_dir()  # cached builds: made here on first use, not inside the timed run
@@ -405,10 +423,9 @@ def main() -> None:
     if args.skip_real:
         parts.discard(2)
 
+    import diffusers.utils.logging
     import torch
     import transformers
-
-    import diffusers.utils.logging
 
     transformers.utils.logging.disable_progress_bar()  # "Loading weights" / "Writing model shards" bars
     diffusers.utils.logging.disable_progress_bar()

@@ -32,7 +32,7 @@ def main() -> None:
     from PIL import Image
 
     from batch.cache import LoRACache
-    from dreamrelation.presets import load_pipeline
+    from dreamrelation.model.presets import load_pipeline
     from manifests.registry import LoRARegistry
 
     registry = LoRARegistry(str(ROOT / "manifests" / "examples" / "loras"))

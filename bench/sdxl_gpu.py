@@ -58,19 +58,19 @@ def main() -> None:
 
     from diffusers import StableDiffusionXLPipeline
 
-    from dreamrelation.adapter import ImagePromptAdapter
-    from dreamrelation.config import AdapterConfig
-    from dreamrelation.encoders import SubjectEncoder
-    from dreamrelation.pipeline import DreamRelationPipeline
+    from dreamrelation.model.adapter import ImagePromptAdapter
+    from dreamrelation.model.config import AdapterConfig
+    from dreamrelation.model.encoders import SubjectEncoder
+    from dreamrelation.model.pipeline import DreamRelationPipeline
 
     t0 = time.perf_counter()
     if args.tiny:
-        from dreamrelation.tiny import TINY_ADAPTER, build_tiny_components
+        from dreamrelation.model.tiny import TINY_ADAPTER, build_tiny_components
 
         parts, adapter_cfg = build_tiny_components(), TINY_ADAPTER
         parts = {k: (v.to(dev, dtype) if isinstance(v, torch.nn.Module) else v) for k, v in parts.items()}
     else:
-        from dreamrelation.architectures import sdxl_components
+        from dreamrelation.model.architectures import sdxl_components
 
         parts, adapter_cfg = sdxl_components(device=dev, dtype=dtype), AdapterConfig()
     build_s = time.perf_counter() - t0

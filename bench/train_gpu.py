@@ -30,7 +30,7 @@ from batch_gpu import build_pipeline  # noqa: E402
 def synthetic_examples(n: int, size: int):
     from PIL import Image
 
-    from dreamrelation.data import TripletExample
+    from dreamrelation.train.data import TripletExample
 
     rng = np.random.default_rng(0)
     out = []
@@ -58,8 +58,8 @@ def main() -> None:
     args = ap.parse_args()
     dev, cuda = args.device, args.device.startswith("cuda")
 
-    from dreamrelation.config import TrainConfig
-    from dreamrelation.training import train_relation_lora
+    from dreamrelation.model.config import TrainConfig
+    from dreamrelation.train.training import train_relation_lora
 
     pipe = build_pipeline(args.tiny, dev, getattr(torch, args.dtype))
     examples = synthetic_examples(2, 256 if not args.tiny else 64)

@@ -1,6 +1,6 @@
 """Parallel relation-LoRA fine-tuning on Ray: one Tune trial per relation, or DDP for one relation on many GPUs.
 
-Each trial loads the model, reads its relation's triplets, and runs :func:`dreamrelation.training.
+Each trial loads the model, reads its relation's triplets, and runs :func:`dreamrelation.train.training.
 train_relation_lora` in a scratch folder it removes when it ends. A run lives in ``{output}/{name}/`` (any fsspec
 URL; stable names, no timestamps) next to Tune's own files::
 
@@ -126,7 +126,7 @@ class TrainJobConfig:
         return self.resolution or (64 if self.preset == "tiny" else 1024)
 
     def train_config(self, relation: str):
-        from dreamrelation.config import TrainConfig
+        from dreamrelation.model.config import TrainConfig
 
         return TrainConfig(relation=relation, steps=self.steps, batch_size=self.batch_size,
                            resolution=self._resolution(), profile=self.profile,
@@ -173,7 +173,7 @@ def load_examples(data: str, relation: str) -> list:
     """The relation's triplets as training examples (images read through fsspec)."""
     from PIL import Image
 
-    from dreamrelation.data import example_from_record
+    from dreamrelation.train.data import example_from_record
 
     rows, rejected = read_triplets(data, relation=relation)
     if rejected:
@@ -337,8 +337,8 @@ def _train_relation(relation: str, config: TrainJobConfig, workdir: Path, report
     import ray
     import torch
 
-    from dreamrelation.presets import load_pipeline
-    from dreamrelation.training import train_relation_lora
+    from dreamrelation.model.presets import load_pipeline
+    from dreamrelation.train.training import train_relation_lora
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pipe = load_pipeline(config.preset, device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32,

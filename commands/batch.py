@@ -134,7 +134,7 @@ def batch_submit(
 
     if loras is None:
         loras = _default_loras(manifest)
-    from dreamrelation.local_encoder_ref import check_local_tokens
+    from dreamrelation.model.local_encoder_ref import check_local_tokens
 
     try:
         check_local_tokens(preset, local_encoder, local_tokens)

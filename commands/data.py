@@ -22,7 +22,7 @@ def data_import_public(
     output: Annotated[str, typer.Option(help="Triplet dataset root (path or URL): triplets.parquet + images/.")],
 ) -> None:
     """Import a public relation folder as triplets; broken samples are reported and skipped."""
-    from dreamrelation.data import import_public_folder
+    from dreamrelation.train.data import import_public_folder
     from manifests.triplets import read_triplets, write_triplets
 
     if not directory.is_dir():
@@ -97,7 +97,7 @@ def data_generate(
     animal_keypoints: Annotated[str, typer.Option(
         help="Keypoints of animal subjects: 'ap10k' (ViTPose with an AP-10K head) or 'points'.")] = "ap10k",
     animal_pose: Annotated[Optional[str], typer.Option(
-        help="ViTPose folder whose head is AP-10K's (dreamrelation.pose.save_vitpose_plus); default: the "
+        help="ViTPose folder whose head is AP-10K's (dreamrelation.engine.pose.save_vitpose_plus); default: the "
              "preset's (tiny: its twin; sdxl: none public, so animals get points).")] = None,
     animal_dataset_index: Annotated[int, typer.Option(
         help="ViTPose++ expert of --animal-pose (3: AP-10K).")] = 3,
@@ -122,11 +122,11 @@ def data_generate(
     """
     from batch.engine_job import EngineJobConfig, EngineJobError, run, summary_lines
     from batch.engine_worker import EngineConfig
-    from dreamrelation.engine import KeypointConfig, gates_for
+    from dreamrelation.engine.gates import KeypointConfig, gates_for
 
     logging.basicConfig(level=logging.WARNING)
     if generator == "pipeline":
-        from dreamrelation.local_encoder_ref import check_local_tokens
+        from dreamrelation.model.local_encoder_ref import check_local_tokens
 
         try:
             local_encoder = check_local_tokens(preset, local_encoder, local_tokens)

@@ -94,7 +94,7 @@ def eval_relationbench(
 def _local_encoder(ref: str | None) -> str | None:
     """``--local-encoder`` checked (a local path must hold a checkpoint) and made absolute; whether the preset needs
     one is checked per configuration, after the checks of a resumed output."""
-    from dreamrelation.local_encoder_ref import local_encoder_ref
+    from dreamrelation.model.local_encoder_ref import local_encoder_ref
 
     try:
         return local_encoder_ref(ref)

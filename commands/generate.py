@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from commands.common import fail
-from dreamrelation.config import SamplingConfig  # a plain dataclass: no torch
+from dreamrelation.model.config import SamplingConfig  # a plain dataclass: no torch
 
 DEFAULTS = SamplingConfig()
 
@@ -69,7 +69,7 @@ def build_tiny_cmd(
     if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
         fail(f"DIRECTORY {str(directory)!r} exists and is not an empty folder; pick a new one")
 
-    from dreamrelation.tiny import build_tiny
+    from dreamrelation.model.tiny import build_tiny
 
     build_tiny(directory, seed=seed)
     typer.echo(f"tiny model written to {directory}")
@@ -138,7 +138,7 @@ def generate(
     _check_numbers(num_images, steps, guidance, scale, seed, width, height)
 
     # 2. Merge the config (if any) under the options
-    from dreamrelation.inference_config import load_authors_config
+    from dreamrelation.model.inference_config import load_authors_config
 
     cfg = None
     if config is not None:
@@ -178,8 +178,8 @@ def generate(
             fail(f"{source}: {str(path)!r} is not a readable image ({exc})")
 
     # 4. Boxes and preset, with the library's own checks (these imports pull in torch)
-    from dreamrelation.layout import check_box
-    from dreamrelation.presets import check_local_tokens, resolve_spec
+    from dreamrelation.model.layout import check_box
+    from dreamrelation.model.presets import check_local_tokens, resolve_spec
 
     for j, b in enumerate(boxes):
         try:
@@ -196,10 +196,10 @@ def generate(
         fail(str(exc))
 
     # 5. Load the model (and the relation LoRA)
-    from dreamrelation.lora import read_lora_file
-    from dreamrelation.presets import load_pipeline
+    from dreamrelation.model.lora import read_lora_file
+    from dreamrelation.model.presets import load_pipeline
+    from dreamrelation.model.render import draw_layout
     from dreamrelation.provenance import local_encoder_record
-    from dreamrelation.render import draw_layout
 
     try:
         pipe = load_pipeline(spec, device=device, local_encoder=local_encoder, use_local_tokens=local_tokens)

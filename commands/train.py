@@ -73,7 +73,7 @@ def train_relations(
 ) -> None:
     """Fine-tune one relation LoRA per relation id, in parallel Ray Tune trials; register each in the registry."""
     from cluster.train_job import TrainJobConfig, run
-    from dreamrelation.config import TRAIN_PROFILES
+    from dreamrelation.model.config import TRAIN_PROFILES
 
     ids = tuple(r.strip() for r in relations.split(",") if r.strip())
     if not ids:
@@ -156,8 +156,8 @@ _KNOB_OPTIONS = {"kml_weight": "--kml-weight", "kml_t_max": "--kml-max-t", "lear
 def _training_knobs(relation: str, preset: str, local_encoder: str | None, **knobs) -> dict:
     """The ablation knobs as ``TrainJobConfig`` fields, checked by ``TrainConfig`` (an error names the option) and
     against the preset (local tokens on ``sdxl`` need a local encoder); the local encoder as an absolute path."""
-    from dreamrelation.config import TrainConfig
-    from dreamrelation.local_encoder_ref import check_local_tokens
+    from dreamrelation.model.config import TrainConfig
+    from dreamrelation.model.local_encoder_ref import check_local_tokens
 
     try:
         TrainConfig(relation=relation, **knobs)
@@ -202,8 +202,13 @@ def train_distill_encoder(
     Writes OUTPUT/local_encoder.safetensors (what --local-encoder OUTPUT loads), OUTPUT/local_encoder.json (the
     recipe and losses) and OUTPUT/epoch_N.pt (CLIPSelf's checkpoint layout, loadable as --local-encoder too).
     """
-    from dreamrelation.distill import DistillConfig, ImageFolder, distill, optimizer_steps
-    from dreamrelation.presets import load_image_encoder
+    from dreamrelation.model.presets import load_image_encoder
+    from dreamrelation.train.distill import (
+        DistillConfig,
+        ImageFolder,
+        distill,
+        optimizer_steps,
+    )
 
     if not images.is_dir():
         fail(f"IMAGES {str(images)!r} is not a folder")

@@ -10,7 +10,7 @@ __all__ = ["__version__", "load_pipeline"]
 
 
 def load_pipeline(*args, **kwargs):
-    """See :func:`dreamrelation.presets.load_pipeline`."""
-    from .presets import load_pipeline as _load
+    """See :func:`dreamrelation.model.presets.load_pipeline`."""
+    from .model.presets import load_pipeline as _load
 
     return _load(*args, **kwargs)

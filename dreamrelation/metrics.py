@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .encoders import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from .model.encoders import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 logger = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ def metric_model_refs(model_dir_or_name: str | Path) -> tuple[str, str]:
     """
     name = str(model_dir_or_name)
     if name == "tiny":
-        from .presets import tiny_model_dir
+        from .model.presets import tiny_model_dir
 
         folder = tiny_model_dir()
     else:
@@ -270,9 +270,9 @@ class MetricModels:
     def dino_pair_scores(self, images: Sequence[Image.Image], others: Sequence[Image.Image]) -> list[float]:
         """DINO of each pair ``(images[k], others[k])``, ``100 * max(cos, 0)`` of their CLS tokens, in one forward.
 
-        The data engine's copy-paste gate (``dreamrelation.engine.check_copy_paste``) scores a subject's crop in the
-        target against its crop in the subject image with it: a target that only pasted the subject image scores
-        near 100.
+        The data engine's copy-paste gate (``dreamrelation.engine.gates.check_copy_paste``) scores a subject's crop
+        in the target against its crop in the subject image with it: a target that only pasted the subject image
+        scores near 100.
         """
         if len(images) != len(others):
             raise ValueError(f"others must have one image per image ({len(images)}), got {len(others)}")
@@ -385,9 +385,15 @@ def get_metric_models(clip: str | Path = CLIP_ID, dino: str | Path = DINO_ID, de
 # ------------------------------------------------------------------------------------------ tiny models
 def build_tiny_metric_components(seed: int = 0) -> dict:
     """The tiny metric models in memory: ``clip`` (CLIPModel), ``tokenizer``, ``dino`` (ViTModel); see below."""
-    from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, ViTConfig, ViTModel
+    from transformers import (
+        CLIPConfig,
+        CLIPModel,
+        CLIPVisionConfig,
+        ViTConfig,
+        ViTModel,
+    )
 
-    from .tiny import _text_config, build_tokenizer
+    from .model.tiny import _text_config, build_tokenizer
 
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
@@ -404,7 +410,7 @@ def build_tiny_metric_components(seed: int = 0) -> dict:
 def build_tiny_metric_models(directory: str | Path, seed: int = 0) -> Path:
     """Tiny random CLIP and DINO models in the real formats: ``directory/clip/`` and ``directory/dino/``.
 
-    CLIP: the tiny text tower and byte-level BPE tokenizer of ``dreamrelation.tiny`` plus a 2-layer vision tower
+    CLIP: the tiny text tower and byte-level BPE tokenizer of ``dreamrelation.model.tiny`` plus a 2-layer vision tower
     (width 32, 32 px, patch 8), projection 16. DINO: a ViT-S/16-shaped ``ViTModel`` (width 32, patch 16, 64 px,
     2 layers). Deterministic for ``seed``; each folder carries its ``metric_preprocess.json``.
     """

@@ -39,7 +39,7 @@ def _short(*parts: str) -> str:
 
 
 def _cache_file() -> Path:
-    from .presets import cache_root
+    from .model.presets import cache_root
 
     return cache_root() / CACHE_NAME
 
@@ -178,10 +178,10 @@ def local_encoder_fingerprint(ref: str | Path) -> str:
     """16-hex fingerprint of the checkpoint file a local-encoder reference loads: a file, a ``train
     distill-encoder`` output folder (the file in it that ``encoders.local_checkpoint_file`` picks, so that a folder
     and its file give the same fingerprint), a URL of either (its cached copy) or a hub ref in the hub cache."""
-    from .encoders import local_checkpoint_file
+    from .model.encoders import local_checkpoint_file
 
     if "://" in str(ref):  # a URL: the local copy the loader reads
-        from .presets import local_encoder_file
+        from .model.presets import local_encoder_file
 
         return _path_fingerprint(local_encoder_file(str(ref)))
     return _path_fingerprint(local_checkpoint_file(_resolve(ref)))
@@ -202,7 +202,7 @@ def model_fingerprints(preset: str, local_encoder: str | None = None, metrics: b
     folder (``presets.resolve_spec``); "local_encoder" is None without one (the tiny preset's local tokens come from
     its image encoder), "metrics" None when ``metrics`` is off. "model" covers the SDXL parts only: a model
     folder's adapter/, metrics/, image_encoder/ and local_encoder/ count on their own."""
-    from .presets import resolve_spec
+    from .model.presets import resolve_spec
 
     spec = resolve_spec(preset)
     base = _resolve(spec.base)

@@ -4,7 +4,7 @@ Shared by ``batch`` (which reads it: each actor resolves a manifest row's ``rela
 jobs (which write it with :meth:`LoRARegistry.register`). Two ways to name a relation's LoRA, both under ``root``:
 
 - folder layout: ``{root}/{relation}/pytorch_lora_weights.safetensors`` (the diffusers file name, what
-  ``dreamrelation.lora.save_relation_lora`` writes), plus an optional ``{root}/{relation}/card.json``;
+  ``dreamrelation.model.lora.save_relation_lora`` writes), plus an optional ``{root}/{relation}/card.json``;
 - a registry file ``{root}/registry.json`` = ``{"relations": {"hugging": "s3://other/hug.safetensors", ...}}``;
   each value is a URL, an absolute path, or a path relative to ``root``; a value that does not end in
   ``.safetensors`` names a folder holding ``pytorch_lora_weights.safetensors``. It takes precedence over the
@@ -29,7 +29,7 @@ from .schema import KEY_PATTERN, check_key
 
 logger = logging.getLogger(__name__)
 
-WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # == dreamrelation.lora.LORA_WEIGHTS_NAME (no import: layering)
+WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # == dreamrelation.model.lora.LORA_WEIGHTS_NAME (no import: layering)
 CARD_NAME = "card.json"
 REGISTRY_FILE = "registry.json"
 

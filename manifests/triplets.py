@@ -15,8 +15,8 @@ Paths: like manifests, image / mask paths may be relative to the dataset folder;
 under the folder relative to it (so a folder copied to a bucket keeps working) and ``read_triplets`` resolves them,
 so every row it returns carries absolute paths / URLs.
 
-The model side (``dreamrelation.data``) never imports this module: rows cross over as plain dicts
-(``TripletRow.to_record``), read there by ``dreamrelation.data.example_from_record``.
+The model side (``dreamrelation.train.data``) never imports this module: rows cross over as plain dicts
+(``TripletRow.to_record``), read there by ``dreamrelation.train.data.example_from_record``.
 """
 
 from __future__ import annotations
@@ -29,7 +29,14 @@ from collections.abc import Iterable
 from typing import Any, Optional
 
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from manifests import storage
 from manifests.io import ManifestError, normalize_record, read_table, write_table
@@ -160,7 +167,8 @@ class TripletRow(BaseModel):
         return non_empty(value, info.field_name)
 
     def to_record(self) -> dict[str, Any]:
-        """The row as a plain dict (lists, strings, floats): what ``dreamrelation.data.example_from_record`` reads."""
+        """The row as a plain dict (lists, strings, floats): what ``dreamrelation.train.data.example_from_record``
+        reads."""
         return self.model_dump()
 
 

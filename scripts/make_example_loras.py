@@ -22,8 +22,8 @@ RELATIONS = ("hugging", "shaking_hands", "riding")
 def main(root: Path) -> list[str]:
     import torch
 
-    from dreamrelation.lora import add_relation_lora, save_relation_lora
-    from dreamrelation.presets import load_pipeline
+    from dreamrelation.model.lora import add_relation_lora, save_relation_lora
+    from dreamrelation.model.presets import load_pipeline
     from manifests.registry import LoRARegistry
 
     pipe = load_pipeline("tiny")

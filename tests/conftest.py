@@ -42,7 +42,7 @@ def one_torch_thread():
 
 @pytest.fixture(scope="session")
 def tiny_dir(_model_home) -> Path:
-    from dreamrelation.presets import tiny_model_dir
+    from dreamrelation.model.presets import tiny_model_dir
 
     return tiny_model_dir()
 
@@ -50,7 +50,7 @@ def tiny_dir(_model_home) -> Path:
 @pytest.fixture(scope="session")
 def annotators_dir(_model_home) -> Path:
     """The tiny annotators (owlv2/ sam/ dinov2/ vitpose/ blip/), built once per session."""
-    from dreamrelation.annotate import tiny_annotator_dir
+    from dreamrelation.engine.annotate import tiny_annotator_dir
 
     return tiny_annotator_dir()
 
@@ -58,7 +58,7 @@ def annotators_dir(_model_home) -> Path:
 @pytest.fixture(scope="module")
 def pipe(tiny_dir):
     """A fresh tiny pipeline per test module (tests that load LoRAs unload them again)."""
-    from dreamrelation.presets import load_pipeline
+    from dreamrelation.model.presets import load_pipeline
 
     return load_pipeline(str(tiny_dir))
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dreamrelation.adapter import AdapterStateDictError, ImagePromptAdapter
-from dreamrelation.config import AdapterConfig
+from dreamrelation.model.adapter import AdapterStateDictError, ImagePromptAdapter
+from dreamrelation.model.config import AdapterConfig
 
 
 def ms_adapter_shapes() -> dict[str, dict[str, tuple] | tuple]:
@@ -57,7 +57,7 @@ def meta_checkpoint(shapes) -> dict:
 
 @pytest.fixture(scope="module")
 def real_adapter():
-    from dreamrelation.architectures import sdxl_unet
+    from dreamrelation.model.architectures import sdxl_unet
 
     unet = sdxl_unet("meta")
     return unet, ImagePromptAdapter(AdapterConfig(), unet)
@@ -104,7 +104,7 @@ def test_tiny_adapter_roundtrips_safetensors_and_ms_bin(tmp_path, pipe):
     assert {p.name for p in folder.iterdir()} == {"adapter_config.json", "ms_adapter.safetensors"}
     from diffusers import UNet2DConditionModel
 
-    from dreamrelation.tiny import tiny_unet_config
+    from dreamrelation.model.tiny import tiny_unet_config
 
     other = ImagePromptAdapter.from_pretrained(folder, UNet2DConditionModel(**tiny_unet_config()))
     assert other.config == adapter.config
@@ -149,7 +149,7 @@ def test_image_tokens_layout(pipe):
 def test_adapter_rejects_a_unet_of_another_width():
     from diffusers import UNet2DConditionModel
 
-    from dreamrelation.tiny import TINY_ADAPTER, tiny_unet_config
+    from dreamrelation.model.tiny import TINY_ADAPTER, tiny_unet_config
 
     unet = UNet2DConditionModel(**{**tiny_unet_config(), "cross_attention_dim": 48})
     with pytest.raises(ValueError, match=r"resampler.output_dim \(64\) must equal unet.config.cross_attention_dim \(48\)"):

@@ -9,10 +9,19 @@ import pytest
 import torch
 from PIL import Image
 
-from dreamrelation import annotate
-from dreamrelation.annotate import (
-    CAPTION_ID, OWLV2_ID, SAM_ID, AnnotatorRefs, Captioner, Detection, OwlDetector, SamMasker, annotator_refs,
-    box_iou, nms,
+from dreamrelation.engine import annotate
+from dreamrelation.engine.annotate import (
+    CAPTION_ID,
+    OWLV2_ID,
+    SAM_ID,
+    AnnotatorRefs,
+    Captioner,
+    Detection,
+    OwlDetector,
+    SamMasker,
+    annotator_refs,
+    box_iou,
+    nms,
 )
 
 
@@ -193,8 +202,8 @@ def test_captioner_returns_a_deterministic_short_string(annotators_dir):
 
 # ----------------------------------------------------------------------------------------- refs and twins
 def test_annotator_refs(annotators_dir, tmp_path):
-    from dreamrelation.keypoints import DINOV2_ID
-    from dreamrelation.pose import VITPOSE_ID
+    from dreamrelation.engine.keypoints import DINOV2_ID
+    from dreamrelation.engine.pose import VITPOSE_ID
 
     tiny = annotator_refs("tiny")
     assert tiny == AnnotatorRefs(*(str(annotators_dir / s) for s in ("owlv2", "sam", "dinov2", "vitpose", "blip")),
@@ -215,7 +224,11 @@ def test_annotator_refs(annotators_dir, tmp_path):
 
 def test_tiny_annotators_build_once_and_load(annotators_dir):
     from transformers import (
-        BlipForConditionalGeneration, Dinov2Model, Owlv2ForObjectDetection, SamModel, VitPoseForPoseEstimation,
+        BlipForConditionalGeneration,
+        Dinov2Model,
+        Owlv2ForObjectDetection,
+        SamModel,
+        VitPoseForPoseEstimation,
     )
 
     assert annotators_dir.name == f"tiny-annotators-v{annotate.TINY_ANNOTATORS_VERSION}-seed0"

@@ -10,7 +10,7 @@ from diffusers import UNet2DConditionModel
 from diffusers.models import attention_processor as diffusers_attention
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from dreamrelation.attention import (
+from dreamrelation.model.attention import (
     MASK_VALUE,
     MaskedParallelAttnProcessor,
     box_masks,
@@ -426,7 +426,7 @@ def test_in_tiny_unet_non_square(diffusers_warnings):
 
 
 def test_precomputed_layout_masks_give_the_same_output():
-    from dreamrelation.attention import layout_masks
+    from dreamrelation.model.attention import layout_masks
 
     attn, proc = make_attn(), make_proc()
     x, text, ip = make_inputs(2, 6 * 4, 2)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
 
-from dreamrelation.attention import (
+from dreamrelation.model.attention import (
     AttentionCapture,
     MaskedParallelAttnProcessor,
     capture_attention,

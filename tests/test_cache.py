@@ -12,11 +12,18 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-
-from batch.cache import LRU, LoRACache, SubjectEncodingCache, content_key, is_compiled, lora_rank
 from conftest import FAST
-from dreamrelation.config import LoRAConfig
-from dreamrelation.lora import add_relation_lora, save_relation_lora
+
+from batch.cache import (
+    LRU,
+    LoRACache,
+    SubjectEncodingCache,
+    content_key,
+    is_compiled,
+    lora_rank,
+)
+from dreamrelation.model.config import LoRAConfig
+from dreamrelation.model.lora import add_relation_lora, save_relation_lora
 from manifests.registry import LoRARegistry, UnknownRelationError
 
 RELATIONS = ("hugging", "riding", "pushing")  # rank 4
@@ -32,7 +39,7 @@ def run(pipe, subjects=None, relation=None, **kw) -> np.ndarray:
 @pytest.fixture(scope="module")
 def lora_files(tiny_dir, tmp_path_factory) -> dict:
     """relation -> path of a trained-looking LoRA file (random non-zero lora_B), made on a separate tiny pipeline."""
-    from dreamrelation.presets import load_pipeline
+    from dreamrelation.model.presets import load_pipeline
 
     src = load_pipeline(str(tiny_dir))
     out = tmp_path_factory.mktemp("lora-src")
@@ -160,7 +167,7 @@ def test_lora_cache_hit_equals_storage_miss_equals_direct_load(pipe, subjects, r
 
 
 def test_hotswap_swaps_in_place_and_matches_reload(tiny_dir, subjects, registries, reference_images):
-    from dreamrelation.presets import load_pipeline
+    from dreamrelation.model.presets import load_pipeline
 
     fresh = load_pipeline(str(tiny_dir))  # enable_lora_hotswap needs a UNet that never held a LoRA
     cache = LoRACache(fresh, registries["local"], capacity=2, hotswap=True)

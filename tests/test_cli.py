@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import make_subject, public_data
 from PIL import Image
 from typer.testing import CliRunner
 
 import cli
-from conftest import make_subject, public_data
 
 FAST = ["--width", "64", "--height", "64", "--steps", "2"]
 BOXES = ["--box", "0,0.1,0.5,0.9", "--box", "0.5,0.1,1,0.9"]
@@ -45,7 +45,7 @@ def lora_file(tiny_dir, tmp_path_factory) -> Path:
     """A relation LoRA for the tiny UNet (on its own UNet copy), with non-zero up weights so that it changes images."""
     from diffusers import UNet2DConditionModel
 
-    from dreamrelation.lora import add_relation_lora, save_relation_lora
+    from dreamrelation.model.lora import add_relation_lora, save_relation_lora
 
     unet = UNet2DConditionModel.from_pretrained(tiny_dir / "unet")
     add_relation_lora(unet, "hug")

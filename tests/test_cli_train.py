@@ -10,12 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
-
-import cli
 from conftest import make_subject, public_data
 from test_data import make_public_folder, make_sample
 from test_train_job import write_synthetic_triplets
+from typer.testing import CliRunner
+
+import cli
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -164,9 +164,10 @@ def test_readme_command_with_relative_paths_trains_reports_and_reruns(runner, ti
     import subprocess
     import sys
 
+    from test_train_job import _scratch_folders
+
     from cluster.train_job import TrainJobConfig
     from manifests.registry import LoRARegistry
-    from test_train_job import _scratch_folders
 
     write_synthetic_triplets(str(tmp_path / "out" / "engine"), relations=("hugging",), per_relation=1)
     args = [*_readme_command(), "--steps", "2", "--batch-size", "1", "--checkpoint-every", "1"]
@@ -206,7 +207,7 @@ def test_distill_encoder_writes_a_loadable_checkpoint(runner, tiny_dir, tmp_path
     import torch
     from safetensors.torch import load_file
 
-    from dreamrelation.presets import load_pipeline
+    from dreamrelation.model.presets import load_pipeline
 
     images = tmp_path / "images"
     images.mkdir()

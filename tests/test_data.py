@@ -1,4 +1,4 @@
-"""dreamrelation.data: the public-folder importer (synthetic and real), examples, augmentation, tensors."""
+"""dreamrelation.train.data: the public-folder importer (synthetic and real), examples, augmentation, tensors."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from dreamrelation.data import (
+from dreamrelation.train.data import (
     AP10K_FLIP,
     AP10K_KEYPOINTS,
     COCO_KEYPOINTS,

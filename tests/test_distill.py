@@ -12,21 +12,21 @@ import torch
 from PIL import Image
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from dreamrelation.distill import (
+from dreamrelation.model.config import EncoderConfig
+from dreamrelation.model.encoders import SubjectEncoder, open_clip_visual_to_hf
+from dreamrelation.model.tiny import TINY_ADAPTER, VISION_WIDTH
+from dreamrelation.train.distill import (
     CARD_NAME,
     CHECKPOINT_NAME,
     DistillConfig,
+    cell_features,
     distill,
     distill_loss,
-    cell_features,
     evaluate,
     grid_choices,
     hf_to_open_clip_visual,
     sample_grid_cells,
 )
-from dreamrelation.config import EncoderConfig
-from dreamrelation.encoders import SubjectEncoder, open_clip_visual_to_hf
-from dreamrelation.tiny import TINY_ADAPTER, VISION_WIDTH
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -38,7 +38,7 @@ PLAIN = dict(effective_batch=2, warmup_steps=0, schedule="constant")  # one micr
 
 
 def _vision(seed: int = 0) -> CLIPVisionModelWithProjection:
-    """The tiny preset's vision tower (dreamrelation.tiny), built alone."""
+    """The tiny preset's vision tower (dreamrelation.model.tiny), built alone."""
     torch.manual_seed(seed)
     return CLIPVisionModelWithProjection(CLIPVisionConfig(
         hidden_size=VISION_WIDTH, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
@@ -286,7 +286,7 @@ def test_bad_inputs(images, tmp_path):
 
 # ------------------------------------------------------------------------------------------ CLIPSelf recipe
 def test_learning_rate_warms_up_then_follows_a_cosine():
-    from dreamrelation.distill import learning_rate
+    from dreamrelation.train.distill import learning_rate
 
     config = DistillConfig(lr=1.0, warmup_steps=10)
     lrs = [learning_rate(s, 110, config) for s in range(110)]
@@ -302,7 +302,7 @@ def test_learning_rate_warms_up_then_follows_a_cosine():
 def test_accumulated_micro_batches_make_one_big_step(images, tmp_path):
     """Four micro-batches of one image step exactly like one batch of four: same loss, same weights; the step
     count, the learning rates and the card follow the effective batch and the schedule."""
-    from dreamrelation.distill import optimizer_steps
+    from dreamrelation.train.distill import optimizer_steps
 
     base = dict(lr=LR, epochs=2, max_grid=3, max_cells=4, warmup_steps=1)
     big = distill(_vision(), images[:4], DistillConfig(batch_size=4, effective_batch=4, **base), tmp_path / "big",
@@ -327,7 +327,7 @@ def test_accumulated_micro_batches_make_one_big_step(images, tmp_path):
 
 
 def test_teacher_crops_are_letterboxed_not_squashed(images):
-    from dreamrelation.distill import letterbox
+    from dreamrelation.train.distill import letterbox
 
     wide = Image.new("RGB", (40, 20), (200, 100, 50))
     boxed = np.asarray(letterbox(wide, 32))
@@ -366,7 +366,7 @@ def test_projected_feature_space_trains_the_projection(images, tmp_path):
 
 
 def test_image_folder_streams_and_skips_unreadable_files(images, tmp_path, caplog):
-    from dreamrelation.distill import ImageFolder
+    from dreamrelation.train.distill import ImageFolder
 
     for i, image in enumerate(images[:3]):
         image.save(tmp_path / f"{i}.png")

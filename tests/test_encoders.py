@@ -11,8 +11,13 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from dreamrelation.config import EncoderConfig
-from dreamrelation.encoders import SubjectEncoder, local_grid_boxes, open_clip_visual_to_hf, roi_align_1x1
+from dreamrelation.model.config import EncoderConfig
+from dreamrelation.model.encoders import (
+    SubjectEncoder,
+    local_grid_boxes,
+    open_clip_visual_to_hf,
+    roi_align_1x1,
+)
 
 VISION = dict(
     hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=28, patch_size=7,
@@ -332,7 +337,7 @@ def _authors_epoch_6(path, model: CLIPVisionModelWithProjection) -> None:
 
 
 def test_the_authors_epoch_6_layout_loads_from_its_folder(tmp_path):
-    from dreamrelation.encoders import local_checkpoint_file
+    from dreamrelation.model.encoders import local_checkpoint_file
 
     source = _vision(8)
     _authors_epoch_6(tmp_path / "epoch_6.pt", source)

@@ -18,16 +18,31 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import FAST, invoke, make_subject
 from PIL import Image
 
-from conftest import FAST, invoke, make_subject
-from dreamrelation.annotate import Detection
-from dreamrelation.engine import (
-    TINY_GATES, TINY_GATES_NOTE, Annotation, Annotator, Drop, GateConfig, KeypointConfig, box_iou, box_mask,
-    check_clip_r, check_copy_paste, check_keypoints, check_layout, check_overlap, clean_box, default_gates,
-    gates_for, pick_detections,
+from dreamrelation.engine.annotate import Detection
+from dreamrelation.engine.gates import (
+    TINY_GATES,
+    TINY_GATES_NOTE,
+    Annotation,
+    Annotator,
+    Drop,
+    GateConfig,
+    KeypointConfig,
+    box_iou,
+    box_mask,
+    check_clip_r,
+    check_copy_paste,
+    check_keypoints,
+    check_layout,
+    check_overlap,
+    clean_box,
+    default_gates,
+    gates_for,
+    pick_detections,
 )
-from dreamrelation.generators import edit_prompt
+from dreamrelation.engine.generators import edit_prompt
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -232,7 +247,7 @@ def scene() -> Scene:
 
 
 def annotator_for(scene: Scene, gates=PERMISSIVE, clip_r=25.0, poses=None, phrases=("dog", "cat"), scorer=None):
-    from dreamrelation.keypoints import ColourFeatures
+    from dreamrelation.engine.keypoints import ColourFeatures
 
     detector = ScriptedDetector()
     for j, phrase in enumerate(phrases):
@@ -416,8 +431,13 @@ def test_text_to_image_uses_no_image_tokens_and_no_relation_lora(pipe, subjects)
 
 
 def test_targets_use_the_relation_lora_the_registry_has_and_record_it(pipe, tmp_path):
-    from batch.engine_worker import GENERATION_FILE, EngineConfig, GenerateStage, RelationPipe
-    from dreamrelation.generators import PipelineGenerator
+    from batch.engine_worker import (
+        GENERATION_FILE,
+        EngineConfig,
+        GenerateStage,
+        RelationPipe,
+    )
+    from dreamrelation.engine.generators import PipelineGenerator
     from manifests.registry import LoRARegistry
     from manifests.relation_spec import expand_specs
 

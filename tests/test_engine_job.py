@@ -55,10 +55,10 @@ def made(readme_run) -> Path:
 
 @pytest.mark.slow
 def test_readme_example_makes_triplets_that_training_accepts(readme_run, pipe, tmp_path):
-    from dreamrelation.config import TrainConfig
-    from dreamrelation.data import LAYOUTS_KEY, example_from_record
-    from dreamrelation.engine import TINY_GATES, TINY_GATES_NOTE, KeypointConfig
-    from dreamrelation.training import train_relation_lora
+    from dreamrelation.engine.gates import TINY_GATES, TINY_GATES_NOTE, KeypointConfig
+    from dreamrelation.model.config import TrainConfig
+    from dreamrelation.train.data import LAYOUTS_KEY, example_from_record
+    from dreamrelation.train.training import train_relation_lora
     from manifests.triplets import read_triplets
 
     made, printed = readme_run
@@ -108,7 +108,7 @@ def test_rerun_skips_samples_judged_with_the_same_gates_and_judges_again_under_o
 
     from batch.engine_job import EngineJobConfig, run, summary_lines
     from batch.engine_worker import EngineConfig
-    from dreamrelation.engine import TINY_GATES
+    from dreamrelation.engine.gates import TINY_GATES
     from manifests import storage
     from manifests.engine_outcome import read_outcomes
     from manifests.relation_spec import read_relation_specs, write_relation_specs

@@ -23,8 +23,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import CANARY_KEY_ID, CANARY_SECRET
+
 from manifests import storage
 from manifests.access import AccessPolicy, private_address
 from manifests.io import MANIFEST_SCHEMA, read_manifest, write_manifest
@@ -429,8 +429,9 @@ def test_a_row_that_kills_its_actor_becomes_a_poison_row_and_the_job_goes_on(ray
 def test_broken_public_format_samples_are_skipped_with_reasons_and_no_pickle_runs(tmp_path, monkeypatch):
     """The authors' public format holds .pth keypoint files: read with weights_only, a malicious pickle in one is
     a skipped sample with its reason, never executed; the good samples import."""
-    from dreamrelation.data import import_public_folder
     from test_data import make_public_folder, make_sample
+
+    from dreamrelation.train.data import import_public_folder
 
     marker = tmp_path / "pwned"
     monkeypatch.setenv("PWNED_MARKER", str(marker))

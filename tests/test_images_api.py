@@ -15,11 +15,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
+from conftest import make_subject
 from PIL import Image
 
-from dreamrelation.images_api import ImagesAPIClient, ImagesAPIConfig, ImagesAPIError, from_env
-
-from conftest import make_subject
+from dreamrelation.engine.images_api import (
+    ImagesAPIClient,
+    ImagesAPIConfig,
+    ImagesAPIError,
+    from_env,
+)
 
 KEY = "sk-test-secret-key-123"
 
@@ -198,7 +202,7 @@ def test_server_error_is_retried_with_exponential_backoff(server, caplog):
     server.script(Reply.json({"error": {"message": "overloaded"}}, status=500),
                   Reply(502, b"bad gateway"), Reply.image(expected))
     sleeps: list[float] = []
-    with caplog.at_level(logging.DEBUG, logger="dreamrelation.images_api"):
+    with caplog.at_level(logging.DEBUG, logger="dreamrelation.engine.images_api"):
         image = client_for(server, sleeps, max_retries=3, backoff=0.5).generate("a dog")
     assert_same_pixels(image, expected)
     assert len(server.requests) == 3
@@ -321,7 +325,7 @@ def test_from_env_reads_the_named_variable(monkeypatch, server, caplog):
     client.generate("a dog")
     assert server.requests[0].headers["Authorization"] == f"Bearer {KEY}"
     monkeypatch.delenv("DR_TEST_IMAGES_KEY")
-    with caplog.at_level(logging.WARNING, logger="dreamrelation.images_api"):
+    with caplog.at_level(logging.WARNING, logger="dreamrelation.engine.images_api"):
         assert ImagesAPIConfig.from_env(server.base_url, "DR_TEST_IMAGES_KEY").api_key is None
     assert "DR_TEST_IMAGES_KEY" in caplog.text
 

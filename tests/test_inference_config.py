@@ -6,9 +6,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import public_data
-from dreamrelation.inference_config import AuthorsConfig, load_authors_config, resolve_path
+
+from dreamrelation.model.inference_config import (
+    AuthorsConfig,
+    load_authors_config,
+    resolve_path,
+)
 
 
 @pytest.mark.parametrize("name, phrases", [

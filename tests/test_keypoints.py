@@ -30,10 +30,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_twin_layout
 from PIL import Image
 
-from conftest import assert_twin_layout
-from dreamrelation.keypoints import (
+from dreamrelation.engine.keypoints import (
     ColourFeatures,
     Dinov2Features,
     Transfer,
@@ -222,7 +222,7 @@ def test_transfer_confidence_drops_on_a_different_texture(colour, transform):
 
 def test_match_refines_to_the_sub_cell_peak():
     """The best allowed cell, then a parabola through its neighbours: exact on a quadratic similarity surface."""
-    from dreamrelation.keypoints import _match
+    from dreamrelation.engine.keypoints import _match
 
     h, w = 10, 12
     peaks = torch.tensor([[3.3, 4.6], [7.8, 2.2], [10.6, 8.5]])  # grid (x, y); the last peak is outside `allowed`

@@ -17,9 +17,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("dreamrelation", "manifests", "batch", "cluster")
 HEAVY = ("torch", "diffusers", "transformers", "ray")
-# what the CLI imports only inside its commands, besides HEAVY (dreamrelation.config, a plain dataclass, is the one
-# library module its module level may load: the defaults of `generate`)
+# what the CLI imports only inside its commands, besides HEAVY (dreamrelation.model.config, a plain dataclass, is the
+# one library module its module level may load: the defaults of `generate`)
 LAZY_IN_CLI = ("pyarrow", "pydantic", "fsspec", "numpy", "PIL", "tqdm", "peft", "manifests", "batch", "cluster")
+CLI_LIBRARY_MODULES = ("dreamrelation.model", "dreamrelation.model.config")  # config, and the package it is in
 CLI_MODULES = ("cli", "commands")  # the top layer: cli.py and the command groups it assembles
 
 # layer -> top-level modules it must never import
@@ -28,6 +29,15 @@ FORBIDDEN = {
     "dreamrelation": {"ray", "pydantic", "batch", "cluster", "manifests"},
     "batch": {"cluster"},
     "cluster": {"batch"},
+}
+# inside the model library (ARCHITECTURE.md "Target layout"): part -> parts it must never import. The model is
+# what every other part builds on; the data engine may read the training data format, never the other way.
+FORBIDDEN_PARTS = {
+    "dreamrelation.model": {"dreamrelation.train", "dreamrelation.engine"},
+    "dreamrelation.train": {"dreamrelation.engine"},
+    "dreamrelation.metrics": {"dreamrelation.train", "dreamrelation.engine"},
+    "dreamrelation.relation_phrase": {"dreamrelation.train", "dreamrelation.engine"},
+    "dreamrelation.provenance": {"dreamrelation.train", "dreamrelation.engine"},
 }
 
 
@@ -83,6 +93,19 @@ def test_layer_imports_point_one_way(layer):
     assert _violations(layer, FORBIDDEN[layer]) == []
 
 
+def _in(name: str, modules) -> bool:
+    return any(name == m or name.startswith(m + ".") for m in modules)
+
+
+def test_model_library_parts_import_one_way():
+    files = _layer_files()["dreamrelation"]
+    assert {_module_name(p) for p in files} >= set(FORBIDDEN_PARTS)
+    offenders = [f"{path.relative_to(ROOT)} imports {name}"
+                 for path in files for part, banned in FORBIDDEN_PARTS.items() if _in(_module_name(path), [part])
+                 for name in sorted(imported_modules(path)) if _in(name, banned)]
+    assert offenders == []
+
+
 def test_nothing_imports_cli():
     offenders = [f"{path.relative_to(ROOT)} imports {name}" for layer in PACKAGES for path in _layer_files()[layer]
                  for name in sorted(imported_modules(path)) if name.split(".")[0] in CLI_MODULES]
@@ -101,11 +124,12 @@ def test_command_groups_do_not_import_cli():
 
 def test_import_scanner_sees_lazy_and_relative_imports():
     """The checker itself: function-level, relative and importlib imports are all found."""
-    source = ("from .config import LoRAConfig\nfrom . import tiny\nfrom ..batch import job\n"
+    source = ("from .config import LoRAConfig\nfrom .. import metrics\nfrom ...batch import job\n"
               "def f():\n    import ray.data\n    import importlib\n    importlib.import_module('pydantic')\n")
-    found = imported_modules(ROOT / "dreamrelation" / "probe.py", source)
-    assert found >= {"dreamrelation.config", "dreamrelation", "batch", "ray.data", "importlib", "pydantic"}
+    found = imported_modules(ROOT / "dreamrelation" / "model" / "probe.py", source)
+    assert found >= {"dreamrelation.model.config", "dreamrelation", "batch", "ray.data", "importlib", "pydantic"}
     assert _module_name(ROOT / "dreamrelation" / "__init__.py") == "dreamrelation"
+    assert _module_name(ROOT / "dreamrelation" / "model" / "__init__.py") == "dreamrelation.model"
 
 
 def _run(code_or_args: list[str]) -> subprocess.CompletedProcess:
@@ -123,12 +147,12 @@ def test_cli_module_level_imports_are_light():
 
 def test_every_command_group_is_light_at_module_level():
     """Importing cli imports every module of commands/ (the probe covers them all), and none of them loads a
-    heavy library, pyarrow / pydantic / PIL / tqdm, or a lower layer beyond dreamrelation.config."""
+    heavy library, pyarrow / pydantic / PIL / tqdm, or a lower layer beyond dreamrelation.model.config."""
     groups = sorted(_module_name(p) for p in _layer_files()["cli"] if p.parent.name == "commands")
     probe = ("import cli, json, sys; print(json.dumps({'missing': [m for m in %r if m not in sys.modules], "
              "'loaded': sorted(m for m in sys.modules if m.split('.')[0] in %r "
-             "or (m.startswith('dreamrelation.') and m != 'dreamrelation.config'))}))"
-             % (groups, (*HEAVY, *LAZY_IN_CLI)))
+             "or (m.startswith('dreamrelation.') and m not in %r))}))"
+             % (groups, (*HEAVY, *LAZY_IN_CLI), CLI_LIBRARY_MODULES))
     done = _run(["-c", probe])
     assert done.returncode == 0, done.stderr
     import json
@@ -152,7 +176,7 @@ def test_the_batch_driver_never_imports_torch():
     """`batch submit`'s driver (the job, the Ray Data pipeline, the worker's config, the local-encoder check, the
     report) stays free of torch and the model libraries: they are the actors' (a bounded, fast-starting driver)."""
     probe = ("import sys, batch.job, batch.pipeline, batch.report, batch.worker, batch.evaluate, "
-             "dreamrelation.local_encoder_ref as r; r.check_local_tokens('tiny', None, True); "
+             "dreamrelation.model.local_encoder_ref as r; r.check_local_tokens('tiny', None, True); "
              "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'peft') if m in sys.modules))")
     done = _run(["-c", probe])
     assert done.returncode == 0, done.stderr

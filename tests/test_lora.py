@@ -5,9 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import FAST
-from dreamrelation.lora import add_relation_lora, lora_parameter_count, read_lora_file, save_relation_lora
+
+from dreamrelation.model.lora import (
+    add_relation_lora,
+    lora_parameter_count,
+    read_lora_file,
+    save_relation_lora,
+)
 
 ARGS = ("a dog hugging a cat",)
 TARGETS = ("attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")
@@ -30,7 +35,7 @@ def public_style_lora(unet, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def test_real_sdxl_relation_lora_has_3_143_680_parameters_on_cross_attention_only():
-    from dreamrelation.architectures import sdxl_unet
+    from dreamrelation.model.architectures import sdxl_unet
 
     unet = sdxl_unet("meta")
     assert add_relation_lora(unet, "hugging") == 3_143_680
@@ -67,7 +72,7 @@ def test_public_format_lora_loads_changes_output_and_unloads_exactly(pipe, subje
 def test_saved_lora_roundtrips_and_loads_in_plain_diffusers(tmp_path, tiny_dir, subjects):
     from diffusers import StableDiffusionXLPipeline
 
-    from dreamrelation.presets import load_pipeline
+    from dreamrelation.model.presets import load_pipeline
 
     ours = load_pipeline(str(tiny_dir))
     count = add_relation_lora(ours.unet, "riding")

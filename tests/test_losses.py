@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from dreamrelation.losses import (
+from dreamrelation.train.losses import (
     PROFILES,
     LossConfig,
     denoising_loss,
@@ -302,7 +302,7 @@ def test_relation_attention_loss_errors():
 # -------------------------------------------------------------------------------------------- relation tokens
 @pytest.fixture(scope="module")
 def tokenizer():
-    from dreamrelation.tiny import build_tokenizer
+    from dreamrelation.model.tiny import build_tokenizer
 
     return build_tokenizer()  # a real CLIP BPE with no merges: one token per character, "</w>" on the last
 

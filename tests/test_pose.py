@@ -6,14 +6,23 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import assert_twin_layout, make_subject
 from PIL import Image
 
-from conftest import assert_twin_layout, make_subject
-from dreamrelation.data import AP10K_KEYPOINTS, COCO_KEYPOINTS
-from dreamrelation.pose import (
-    AP10K_DATASET_INDEX, VITPOSE_PLUS_DATASETS, VitPoseKeypoints, _label, build_tiny_vitpose, build_tiny_vitpose_plus,
-    convert_vitpose_plus, keypoint_layout, save_vitpose_plus, vitpose_base_config, vitpose_plus_base_config,
+from dreamrelation.engine.pose import (
+    AP10K_DATASET_INDEX,
+    VITPOSE_PLUS_DATASETS,
+    VitPoseKeypoints,
+    _label,
+    build_tiny_vitpose,
+    build_tiny_vitpose_plus,
+    convert_vitpose_plus,
+    keypoint_layout,
+    save_vitpose_plus,
+    vitpose_base_config,
+    vitpose_plus_base_config,
 )
+from dreamrelation.train.data import AP10K_KEYPOINTS, COCO_KEYPOINTS
 
 BOX = (0.2, 0.1, 0.7, 0.95)
 

@@ -8,10 +8,16 @@ import shutil
 import numpy as np
 import pytest
 import torch
-
 from conftest import FAST
-from dreamrelation.config import ModelSpec
-from dreamrelation.presets import SDXL, check_local_tokens, load_image_encoder, load_pipeline, resolve_spec
+
+from dreamrelation.model.config import ModelSpec
+from dreamrelation.model.presets import (
+    SDXL,
+    check_local_tokens,
+    load_image_encoder,
+    load_pipeline,
+    resolve_spec,
+)
 
 
 def test_tiny_folder_has_the_real_formats(tiny_dir):
@@ -28,7 +34,7 @@ def test_tiny_folder_has_the_real_formats(tiny_dir):
 def test_tiny_build_is_deterministic(tmp_path, tiny_dir):
     from safetensors.torch import load_file
 
-    from dreamrelation.tiny import build_tiny
+    from dreamrelation.model.tiny import build_tiny
 
     again = build_tiny(tmp_path / "again")
     for rel in ("unet/diffusion_pytorch_model.safetensors", "adapter/ms_adapter.safetensors"):
@@ -147,7 +153,7 @@ def test_local_encoder_reaches_the_model(tmp_path, tiny_dir, subjects):
 
 
 def test_load_image_encoder_alone(tiny_dir, pipe):
-    from dreamrelation.tiny import TINY_ADAPTER
+    from dreamrelation.model.tiny import TINY_ADAPTER
 
     vision, config = load_image_encoder(str(tiny_dir))
     assert config == TINY_ADAPTER.encoder
@@ -184,7 +190,7 @@ def test_a_local_encoder_on_object_storage_is_fetched_once(tmp_path, tiny_dir):
     fingerprinted like the same file on disk."""
     import fsspec
 
-    from dreamrelation.presets import local_encoder_file, local_encoder_ref
+    from dreamrelation.model.presets import local_encoder_file, local_encoder_ref
     from dreamrelation.provenance import local_encoder_fingerprint
 
     file = _local_checkpoint(tiny_dir, tmp_path / "enc" / "local_encoder.safetensors")

@@ -11,7 +11,12 @@ from safetensors.numpy import save
 
 from manifests import storage
 from manifests.access import AccessPolicy
-from manifests.registry import WEIGHTS_NAME, LoRARegistry, UnknownRelationError, check_relation_id
+from manifests.registry import (
+    WEIGHTS_NAME,
+    LoRARegistry,
+    UnknownRelationError,
+    check_relation_id,
+)
 
 
 def lora_bytes(seed: int) -> bytes:
@@ -27,7 +32,7 @@ def root(request, tmp_path) -> str:
 
 
 def test_weights_name_matches_the_model_library():
-    from dreamrelation.lora import LORA_WEIGHTS_NAME
+    from dreamrelation.model.lora import LORA_WEIGHTS_NAME
 
     assert WEIGHTS_NAME == LORA_WEIGHTS_NAME
 

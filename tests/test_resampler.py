@@ -8,8 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dreamrelation.config import ResamplerConfig
-from dreamrelation.resampler import PerceiverAttention, Resampler, fourier_box_embedding
+from dreamrelation.model.config import ResamplerConfig
+from dreamrelation.model.resampler import (
+    PerceiverAttention,
+    Resampler,
+    fourier_box_embedding,
+)
 
 TINY = ResamplerConfig(
     dim=32, depth=2, dim_head=8, heads=4, num_queries=4, embedding_dim=24, output_dim=16, ff_mult=2,

@@ -7,12 +7,16 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_subject
-from dreamrelation.config import TrainConfig
-from dreamrelation.data import TripletExample
-from dreamrelation.training import (RelationLossModel, TrainingInterrupted, resolve_train_config,
-                                    train_relation_lora)
+
+from dreamrelation.model.config import TrainConfig
+from dreamrelation.train.data import TripletExample
+from dreamrelation.train.training import (
+    RelationLossModel,
+    TrainingInterrupted,
+    resolve_train_config,
+    train_relation_lora,
+)
 
 
 def synthetic_examples(n: int = 2, seed: int = 0) -> list[TripletExample]:
@@ -39,7 +43,7 @@ def config(**kw) -> TrainConfig:
 
 
 def fresh(tiny_dir):
-    from dreamrelation.presets import load_pipeline
+    from dreamrelation.model.presets import load_pipeline
 
     return load_pipeline(str(tiny_dir))
 
@@ -150,7 +154,8 @@ def test_a_trained_lora_loads_into_the_pipeline_and_changes_the_image(tiny_dir, 
 
 def test_fine_tune_on_the_authors_public_samples(tiny_dir, tmp_path):
     from conftest import public_data
-    from dreamrelation.data import example_from_record, import_public_folder
+
+    from dreamrelation.train.data import example_from_record, import_public_folder
 
     records, problems = import_public_folder(public_data() / "data" / "shake", "shaking_hands")
     assert len(records) == 5 and problems == []
@@ -167,7 +172,7 @@ def test_config_errors_name_the_field():
     with pytest.raises(ValueError, match="relation must be a non-empty id"):
         TrainConfig(relation="")
     with pytest.raises(ValueError, match="profile"):
-        from dreamrelation.losses import loss_config
+        from dreamrelation.train.losses import loss_config
 
         loss_config("fast")
     with pytest.raises(ValueError, match="examples is empty"):

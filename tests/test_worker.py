@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_subject
 from PIL import Image
 
 from batch.worker import Worker, WorkerConfig
-from conftest import make_subject
 from manifests.io import image_key, read_manifest, read_table
 from manifests.ledger import part_uri
 from manifests.registry import LoRARegistry
@@ -276,8 +276,8 @@ def test_example_loras_fit_the_tiny_model(tiny_dir):
     from diffusers import UNet2DConditionModel
     from safetensors.torch import load
 
-    from dreamrelation.lora import add_relation_lora, relation_lora_state_dict
-    from dreamrelation.presets import load_pipeline
+    from dreamrelation.model.lora import add_relation_lora, relation_lora_state_dict
+    from dreamrelation.model.presets import load_pipeline
 
     hint = "the example LoRAs do not fit the tiny model; regenerate with python scripts/make_example_loras.py"
     unet = UNet2DConditionModel.from_pretrained(tiny_dir / "unet")

@@ -1,6 +1,6 @@
 """ImagePromptAdapter: the MS-Diffusion image branch (Resampler + dummy tokens + per-layer to_k_ip / to_v_ip).
 
-It installs a :class:`~dreamrelation.attention.MaskedParallelAttnProcessor` on every attention layer of an
+It installs a :class:`~dreamrelation.model.attention.MaskedParallelAttnProcessor` on every attention layer of an
 SDXL-shaped UNet (the 140-entry processor list of ``ms_adapter.bin``: self-attention entries carry no weights, the
 cross-attention ones own ``to_k_ip`` / ``to_v_ip``), turns per-subject CLIP tokens into the image tokens the
 processors read, and loads / saves weights:
@@ -95,7 +95,7 @@ class ImagePromptAdapter(nn.Module):
     Args:
         config: architecture (Resampler, encoder settings, gamma).
         unet: an SDXL-shaped ``UNet2DConditionModel`` (real, tiny, or on the ``meta`` device).
-        encoder: optional :class:`~dreamrelation.encoders.SubjectEncoder`; kept apart from the adapter's weights.
+        encoder: optional :class:`~dreamrelation.model.encoders.SubjectEncoder`; kept apart from the adapter's weights.
     """
 
     def __init__(self, config: AdapterConfig, unet: nn.Module, encoder: nn.Module | None = None):

@@ -1,9 +1,9 @@
-"""The relation-aware data engine (paper section 3.3): generate relation triplets, annotate them, gate them.
+"""The relation-aware data engine (paper section 3.3), its core: generate relation triplets, annotate them, gate them.
 
 A triplet is a target image showing a relation, the subject images it was made from (same identities, other
 poses), and per subject its box, mask and 17 keypoints in both images. Making one takes two steps:
 
-* **generation**, behind the ``dreamrelation.generators.Generator`` protocol (our pipeline or an images API);
+* **generation**, behind the ``dreamrelation.engine.generators.Generator`` protocol (our pipeline or an images API);
 * **annotation** by :class:`Annotator`: open-vocabulary detection of each subject class in the target (OWLv2),
   SAM masks from the boxes, then 17 keypoints per subject (:class:`KeypointConfig`): ViTPose's COCO keypoints for
   people, its AP-10K keypoints for animals (the layout of the authors' data), and otherwise (or when no pose model
@@ -36,10 +36,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .annotate import Detection, box_iou as pairwise_iou
-from .layout import Box
+from ..model.layout import Box
+from .annotate import Detection
+from .annotate import box_iou as pairwise_iou
 from .pose import (
-    ANIMAL_CLASSES, PERSON_CLASSES, KeypointConfig, check_pose_ref, pose_dataset_index, resolve_keypoints,
+    ANIMAL_CLASSES,
+    PERSON_CLASSES,
+    KeypointConfig,
+    check_pose_ref,
+    pose_dataset_index,
+    resolve_keypoints,
 )
 
 logger = logging.getLogger(__name__)
@@ -161,7 +167,7 @@ def clean_box(box: Box, size: tuple[int, int]) -> tuple[float, float, float, flo
 
 def box_iou(a: Box, b: Box) -> float:
     """Intersection over union of two ``[x0, y0, x1, y1]`` boxes (0 when they do not overlap): one pair of
-    :func:`dreamrelation.annotate.box_iou`, in float64."""
+    :func:`dreamrelation.engine.annotate.box_iou`, in float64."""
     pair = torch.tensor([list(a), list(b)], dtype=torch.float64)  # (2, 4)
     return float(pairwise_iou(pair[:1], pair[1:])[0, 0])
 
@@ -266,8 +272,8 @@ def box_mask(box: Box, size: tuple[int, int]) -> np.ndarray:
 
 
 def _normalized(points: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """(17, 2) pixel (x, y), pixel centres at integers (``dreamrelation.keypoints``) -> normalized (pixel column i
-    spans [i / W, (i + 1) / W), ``dreamrelation.data``), clipped to [0, 1]."""
+    """(17, 2) pixel (x, y), pixel centres at integers (``dreamrelation.engine.keypoints``) -> normalized (pixel
+    column i spans [i / W, (i + 1) / W), ``dreamrelation.train.data``), clipped to [0, 1]."""
     return np.clip((np.asarray(points, np.float64) + 0.5) / np.asarray(size, np.float64), 0.0, 1.0)
 
 
@@ -283,7 +289,7 @@ class SubjectAnnotation:
         confidence: (17,) float in [0, 1] match confidence per keypoint.
         target_visibility: (17,) float in {0, 1}; subject_visibility: (17,) or None (all visible).
         layout: "points" (picked on the mask, carried by correspondence), "coco" (ViTPose person keypoints) or
-            "ap10k" (ViTPose animal keypoints): the ``dreamrelation.data.KEYPOINT_FLIPS`` name.
+            "ap10k" (ViTPose animal keypoints): the ``dreamrelation.train.data.KEYPOINT_FLIPS`` name.
     """
 
     phrase: str
@@ -312,7 +318,7 @@ class Annotation:
 
     @property
     def layouts(self) -> str:
-        """The ``dreamrelation.data.LAYOUTS_KEY`` metadata value: one layout per subject, comma-separated."""
+        """The ``dreamrelation.train.data.LAYOUTS_KEY`` metadata value: one layout per subject, comma-separated."""
         return ",".join(s.layout for s in self.subjects)
 
 
@@ -320,13 +326,13 @@ class Annotator:
     """Detector, masker, dense features, pose models, optional captioner and metric scorer; built once per process.
     :meth:`annotate` returns an :class:`Annotation` or a :class:`Drop`.
 
-    The components follow ``dreamrelation.annotate`` / ``dreamrelation.keypoints``: ``detector.detect(image,
-    phrases, threshold)``, ``masker(image, boxes)``, ``features(image)`` for ``keypoints.transfer_keypoints``,
-    ``poses[layout](image, box)`` (``"coco"``, ``"ap10k"``: ``pose.VitPoseKeypoints``), ``captioner(image)``,
-    ``scorer.score(...)`` and ``scorer.dino_pair_scores(...)`` (``dreamrelation.metrics.MetricModels``).
-    ``pose_factories[layout]``: builds that pose model the first time a subject needs it (most specs have no
-    person). ``keypoints``: which layout each subject class asks for; a layout with no pose model falls back to
-    points.
+    The components follow ``dreamrelation.engine.annotate`` / ``dreamrelation.engine.keypoints``:
+    ``detector.detect(image, phrases, threshold)``, ``masker(image, boxes)``, ``features(image)`` for
+    ``keypoints.transfer_keypoints``, ``poses[layout](image, box)`` (``"coco"``, ``"ap10k"``:
+    ``pose.VitPoseKeypoints``), ``captioner(image)``, ``scorer.score(...)`` and ``scorer.dino_pair_scores(...)``
+    (``dreamrelation.metrics.MetricModels``). ``pose_factories[layout]``: builds that pose model the first time a
+    subject needs it (most specs have no person). ``keypoints``: which layout each subject class asks for; a layout with
+    no pose model falls back to points.
     """
 
     def __init__(self, detector, masker, features, poses: dict[str, Any] | None = None, captioner=None,
@@ -361,7 +367,7 @@ class Annotator:
             logger.warning("%s", note)
         scorer = None
         if metrics:
-            from .metrics import get_metric_models, metric_model_refs
+            from ..metrics import get_metric_models, metric_model_refs
 
             scorer = get_metric_models(*metric_model_refs(preset), device=device)
         factories = {"coco": lambda: VitPoseKeypoints(keypoints.person_pose, device=device, layout="coco")}
@@ -438,7 +444,7 @@ class Annotator:
         """DINO (x100) of each subject's crop in the target vs its crop in its subject image (None: no scorer)."""
         if self.scorer is None or not hasattr(self.scorer, "dino_pair_scores"):
             return [None] * len(boxes)
-        from .metrics import crop_box
+        from ..metrics import crop_box
 
         crops = [crop_box(target, list(b)) for b in boxes]
         own = [crop_box(image, list(b)) for image, b in zip(subject_images, subject_boxes)]

@@ -11,8 +11,8 @@ The paper annotates its triplets with X-Pose, which is on no registry (REFERENCE
 * ``Dinov2Features`` (DINOv2 patch tokens, the engine's default) and ``ColourFeatures`` (weight-free multi-scale
   colour, a fallback and the reference where the truth is known) are the dense descriptors.
 
-People get ViTPose's 17 COCO keypoints and animals its 17 AP-10K keypoints instead (``dreamrelation.pose``,
-chosen by ``dreamrelation.engine.KeypointConfig``); these points are the fallback for everything else.
+People get ViTPose's 17 COCO keypoints and animals its 17 AP-10K keypoints instead (``dreamrelation.engine.pose``,
+chosen by ``dreamrelation.engine.pose.KeypointConfig``); these points are the fallback for everything else.
 
 Coordinates: a pixel (x, y) is (column, row) with pixel centres at integers, so ``mask[round(y), round(x)]`` is
 the pixel a point lies in. A dense feature map (C, h, w) covers its image uniformly: cell (i, j) is centred on

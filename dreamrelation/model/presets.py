@@ -4,7 +4,7 @@
   ``ms_adapter.bin``; hub ids or local copies of them. Its local tokens need the CLIPSelf-distilled local encoder
   (no public hub copy exists): pass ``local_encoder`` (``--local-encoder``: a ``train distill-encoder`` output or
   the authors' ``epoch_6.pt``) or turn local tokens off; the undistilled CLIP tower never stands in for it.
-* ``tiny``: every component at miniature width with random weights (``dreamrelation.tiny``), built once into a
+* ``tiny``: every component at miniature width with random weights (``dreamrelation.model.tiny``), built once into a
   cache folder in the real formats and then loaded from there like any model folder. Its local tokens come from
   its own (random, undistilled) image encoder unless a local encoder is given.
 * any folder laid out like ``build_tiny``'s output (a diffusers SDXL folder plus ``adapter/``), treated like
@@ -166,7 +166,7 @@ def _local_file(ref: str) -> Path:
 def load_pipeline(preset: str | ModelSpec = "tiny", device: str | torch.device = "cpu",
                   dtype: torch.dtype = torch.float32, local_encoder: str | None = None,
                   use_local_tokens: bool | None = None):
-    """Build a :class:`~dreamrelation.pipeline.DreamRelationPipeline` from a preset name, folder or ModelSpec.
+    """Build a :class:`~dreamrelation.model.pipeline.DreamRelationPipeline` from a preset name, folder or ModelSpec.
 
     ``local_encoder`` (default: the spec's) is the distilled local tower (``local_encoder_file``).
     ``use_local_tokens`` sets the pipeline's default; True on a model without a local encoder that may not use its

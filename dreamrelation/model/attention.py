@@ -341,8 +341,8 @@ class AttentionCapture:
 
     Args:
         token_indices: positions in the text sequence (BOS at 0), e.g. from
-            :func:`dreamrelation.losses.relation_token_indices`: a list of ints (every sample), one list per sample
-            (lengths may differ) or an integer tensor (n,) or (B, n).
+            :func:`dreamrelation.train.losses.relation_token_indices`: a list of ints (every sample), one list per
+            sample (lengths may differ) or an integer tensor (n,) or (B, n).
         resolutions: the layer grids (h, w) to record (the public code: the 32 x 32 layers of a 128 x 128 latent);
             ``None`` records every text cross-attention.
 

@@ -11,7 +11,7 @@ Pure functions on tensors, no model and no I/O::
   per-keypoint visibility weights and a subject mask for padded subjects.
 * ``L_attn`` (public code only): the relation word's text cross-attention map, pushed inside the union of the
   subject masks (mean over background minus mean over foreground). The maps come from
-  :class:`dreamrelation.attention.AttentionCapture`; :func:`relation_token_indices` finds the relation tokens.
+  :class:`dreamrelation.model.attention.AttentionCapture`; :func:`relation_token_indices` finds the relation tokens.
 
 Profiles: ``paper`` (lambda = 1e-3, no gate, no attention loss; the default) and ``public-code`` (0.1, t <= 333,
 attention loss 1e-3).

@@ -7,9 +7,9 @@ formats) so that tests travel the same ``from_pretrained`` path as the real chec
 * :class:`OwlDetector`: OWLv2 (``google/owlv2-base-patch16-ensemble``), one forward for all text queries;
 * :class:`SamMasker`: SAM ViT-B (``facebook/sam-vit-base``) with box prompts;
 * :class:`Captioner`: BLIP base captioning (``Salesforce/blip-image-captioning-base``);
-* dense features and pose come from ``dreamrelation.keypoints`` (DINOv2) and ``dreamrelation.pose`` (ViTPose:
-  COCO keypoints of people; a ViTPose++ with an AP-10K head for animals, which has a tiny twin here but no public
-  transformers checkpoint: ``pose.save_vitpose_plus`` makes one from the authors' original weights).
+* dense features and pose come from ``dreamrelation.engine.keypoints`` (DINOv2) and ``dreamrelation.engine.pose``
+  (ViTPose: COCO keypoints of people; a ViTPose++ with an AP-10K head for animals, which has a tiny twin here but no
+  public transformers checkpoint: ``pose.save_vitpose_plus`` makes one from the authors' original weights).
 
 Boxes are normalized ``(x0, y0, x1, y1)`` in the image everywhere in this module. The real architectures are
 written out as configs (``owlv2_base_config`` ...) so tests can build them on the ``meta`` device and prove that
@@ -323,9 +323,14 @@ TINY_OWL_SIZE, TINY_SAM_SIZE, TINY_BLIP_SIZE = 64, 64, 64
 
 def _build_tiny_owlv2(directory: Path) -> None:
     """OWLv2 at width 32, 1 layer per tower, 64 px / patch 16 (16 boxes), the tiny CLIP BPE tokenizer."""
-    from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessorPil, Owlv2Processor
+    from transformers import (
+        Owlv2Config,
+        Owlv2ForObjectDetection,
+        Owlv2ImageProcessorPil,
+        Owlv2Processor,
+    )
 
-    from .tiny import build_tokenizer
+    from ..model.tiny import build_tokenizer
 
     tokenizer = build_tokenizer()
     tokenizer.model_max_length = 16  # OWLv2 pads / truncates every query to 16 tokens
@@ -382,7 +387,12 @@ def build_blip_tokenizer():
 
 def _build_tiny_blip(directory: Path) -> None:
     """BLIP captioning at width 32, 1 layer per tower, 64 px / patch 16, the tiny WordPiece tokenizer."""
-    from transformers import BlipConfig, BlipForConditionalGeneration, BlipImageProcessorPil, BlipProcessor
+    from transformers import (
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipImageProcessorPil,
+        BlipProcessor,
+    )
 
     tokenizer = build_blip_tokenizer()
     config = BlipConfig(
@@ -430,7 +440,7 @@ def _complete(folder: Path, subdirs: Sequence[str] = REQUIRED_SUBDIRS) -> bool:
 
 def tiny_annotator_dir(seed: int = 0) -> Path:
     """The tiny annotators' folder, ``cache_root()/tiny-annotators-v{V}-seed{seed}``, built once and atomically."""
-    from .presets import build_once, cache_root
+    from ..model.presets import build_once, cache_root
 
     return build_once(cache_root() / f"tiny-annotators-v{TINY_ANNOTATORS_VERSION}-seed{seed}",
                       lambda folder: build_tiny_annotators(folder, seed=seed),

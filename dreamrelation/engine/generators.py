@@ -1,12 +1,12 @@
 """Generators of the data engine (paper section 3.3): the images of one sample, behind one protocol.
 
 * :class:`PipelineGenerator`: our stack. Subject images by the pipeline's plain SDXL text-to-image, then the target
-  by :class:`~dreamrelation.pipeline.DreamRelationPipeline` with those images as image prompts, the relation
+  by :class:`~dreamrelation.model.pipeline.DreamRelationPipeline` with those images as image prompts, the relation
   prompt and the layout.
-* :class:`APIGenerator`: an OpenAI-compatible images API (``dreamrelation.images_api``): ``generate`` for the
+* :class:`APIGenerator`: an OpenAI-compatible images API (``dreamrelation.engine.images_api``): ``generate`` for the
   subjects, ``edit`` with the subject images and :func:`edit_prompt` for the target.
 
-``dreamrelation.engine`` annotates and gates what they make. Boxes are normalized ``[x0, y0, x1, y1]``.
+``dreamrelation.engine.gates`` annotates and gates what they make. Boxes are normalized ``[x0, y0, x1, y1]``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Protocol
 
 from PIL import Image
 
-from .layout import Box
+from ..model.layout import Box
 
 __all__ = ["APIGenerator", "Generator", "PipelineGenerator", "edit_prompt"]
 
@@ -77,7 +77,7 @@ def edit_prompt(prompt: str, phrases: Sequence[str]) -> str:
 
 
 class APIGenerator:
-    """An OpenAI-compatible images API (``dreamrelation.images_api.ImagesAPIClient``): ``generate`` makes each
+    """An OpenAI-compatible images API (``dreamrelation.engine.images_api.ImagesAPIClient``): ``generate`` makes each
     subject image, ``edit`` with the subject images and :func:`edit_prompt` makes the target. Such services take
     no seed and no layout: the layout boxes stay the intended ones, the detector finds where the subjects went."""
 

@@ -2,7 +2,7 @@
 
 Each component's architecture is a small dataclass, validated in ``__post_init__`` with errors that name the
 argument at fault. ``real()`` gives the public checkpoint's numbers (REFERENCE.md section 2); the tiny preset
-builds the same classes at miniature width (``dreamrelation.tiny``).
+builds the same classes at miniature width (``dreamrelation.model.tiny``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 NUM_DUMMY_TOKENS = 4
 TOKENS_PER_SUBJECT = 16
 LOCAL_GRID = 4  # 4x4 roi pooling -> 16 local tokens per subject image (paper Table 6 also tries 2 and 8)
-# Relation-LoRA training profiles (their loss weights and augmentation: dreamrelation.training.PROFILES)
+# Relation-LoRA training profiles (their loss weights and augmentation: dreamrelation.train.training.PROFILES)
 TRAIN_PROFILES = ("paper", "public-code", "no-kml")
 NUM_TRAIN_TIMESTEPS = 1000  # SDXL's DDPM schedule: t in 0..999, so kml_t_max 999 applies KML at every t
 
@@ -162,11 +162,11 @@ class TrainConfig(_Dict):
     """Relation-LoRA fine-tuning (paper 3.4 and section 4): LoRA only, AdamW 1e-4, 500 steps, batch 8 by accumulation.
 
     ``profile`` names the defaults of the loss weights, the KML gate and augmentation (``TRAIN_PROFILES``; their
-    values: ``dreamrelation.training.PROFILES``): ``paper`` (KML 1e-3 at every t, no attention loss, no
+    values: ``dreamrelation.train.training.PROFILES``): ``paper`` (KML 1e-3 at every t, no attention loss, no
     augmentation), ``public-code`` (KML 0.1 for t <= 333, relation-attention loss 1e-3, flip + crop) and ``no-kml``
     (the paper's without KML). ``kml_weight``, ``kml_t_max``, ``attention_weight`` and ``augment`` left None take
     the profile's value; set, they override it (``kml_t_max`` 999 applies KML at every t).
-    ``dreamrelation.training.resolve_train_config`` fills them in; the LoRA's card records the filled-in values.
+    ``dreamrelation.train.training.resolve_train_config`` fills them in; the LoRA's card records the filled-in values.
     """
 
     relation: str

@@ -25,13 +25,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from .attention import layout_masks
-from .config import TRAIN_PROFILES, LoRAConfig, TrainConfig
+from ..model.attention import layout_masks
+from ..model.config import TRAIN_PROFILES, LoRAConfig, TrainConfig
+from ..model.lora import LORA_WEIGHTS_NAME, add_relation_lora, save_relation_lora
+from ..provenance import local_encoder_record
 from .data import TripletExample, augment
-from .lora import LORA_WEIGHTS_NAME, add_relation_lora, save_relation_lora
-from .losses import (LossConfig, denoising_loss, keypoint_matching_loss, loss_config, predict_x0,
-                     relation_attention_loss, total_loss)
-from .provenance import local_encoder_record
+from .losses import (
+    LossConfig,
+    denoising_loss,
+    keypoint_matching_loss,
+    loss_config,
+    predict_x0,
+    relation_attention_loss,
+    total_loss,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -230,7 +237,7 @@ class RelationLossModel:
         added = {"text_embeds": prep.pooled, "time_ids": self.time_ids}
         capture = nullcontext(None)
         if self.losses.attention_weight > 0:
-            from .attention import capture_attention
+            from ..model.attention import capture_attention
             from .losses import relation_token_indices
 
             capture = capture_attention(pipe.unet, [relation_token_indices(pipe.tokenizer, ex.prompt,

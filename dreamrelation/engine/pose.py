@@ -9,7 +9,7 @@ torchvision backend and falls back to the PIL one, with a warning, where torchvi
 saved processor config, so tiny twins and hub checkpoints load through the same code.
 
 :class:`KeypointConfig` says which subject classes get which keypoints (people COCO, animals AP-10K, anything else
-the dense-correspondence points of ``dreamrelation.keypoints``, which are also the fallback) and
+the dense-correspondence points of ``dreamrelation.engine.keypoints``, which are also the fallback) and
 :func:`resolve_keypoints` fills in a preset's pose models.
 
 Which keypoints a checkpoint gives is read from its head's labels (``config.id2label``, see :func:`keypoint_layout`),
@@ -23,9 +23,9 @@ whose ``associate_keypoint_heads.2`` is the AP-10K head (their ``tools/model_spl
 
 Coordinates: the processor puts the COCO box (x, y, w, h) and the keypoints in one frame, the image array's index
 frame (scipy's ``affine_transform`` samples array indices and ``transform_preds`` inverts that warp exactly), so a
-returned point (x, y) has pixel centres at integers, as in ``dreamrelation.keypoints``: ``mask[round(y), round(x)]``
-is the pixel it lies in; no conversion is needed. The normalized box is handed over as ``x0 * W`` etc., the way
-ViTPose saw COCO boxes in training.
+returned point (x, y) has pixel centres at integers, as in ``dreamrelation.engine.keypoints``:
+``mask[round(y), round(x)]`` is the pixel it lies in; no conversion is needed. The normalized box is handed over as
+``x0 * W`` etc., the way ViTPose saw COCO boxes in training.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data import AP10K_KEYPOINTS, COCO_KEYPOINTS
+from ..train.data import AP10K_KEYPOINTS, COCO_KEYPOINTS
 
 logger = logging.getLogger(__name__)
 
@@ -164,7 +164,8 @@ def _check_layout(config, ref, wanted: str | None) -> str:
     if found is None or (wanted is not None and found != wanted):
         labels = [config.id2label[i] for i in sorted(config.id2label, key=int)][:4]
         hint = (" (the hub's ViTPose++ conversions keep only the COCO head; make an AP-10K checkpoint with "
-                "dreamrelation.pose.save_vitpose_plus from the original vitpose+ .pth)" if wanted == "ap10k" else "")
+                "dreamrelation.engine.pose.save_vitpose_plus from the original vitpose+ .pth)"
+                if wanted == "ap10k" else "")
         raise ValueError(f"ref {str(ref)!r}: its head predicts {found or 'unknown'} keypoints (id2label starts "
                          f"{labels}), not {wanted or 'COCO or AP-10K'}{hint}")
     return found
@@ -259,7 +260,7 @@ def resolve_keypoints(keypoints: KeypointConfig, preset: str) -> tuple[KeypointC
         out = replace(out, animal="points")
         notes.append(f"animal keypoints: dense-correspondence points, not AP-10K: preset {str(preset)!r} has no "
                      "AP-10K pose model (the hub's ViTPose++ keeps only its COCO head); give --animal-pose, a "
-                     "folder made by dreamrelation.pose.save_vitpose_plus")
+                     "folder made by dreamrelation.engine.pose.save_vitpose_plus")
     return out, notes
 
 
@@ -419,7 +420,12 @@ def build_tiny_vitpose(directory: str | Path, seed: int = 0) -> Path:
     """A 2-layer, 32-wide random ``VitPoseForPoseEstimation`` (64x48 input, 17 COCO keypoints) + its image
     processor, saved in the real format; loads with ``VitPoseKeypoints(directory)``."""
     # the PIL processor class needs no torchvision and saves the same config ("VitPoseImageProcessor")
-    from transformers import VitPoseBackboneConfig, VitPoseConfig, VitPoseForPoseEstimation, VitPoseImageProcessorPil
+    from transformers import (
+        VitPoseBackboneConfig,
+        VitPoseConfig,
+        VitPoseForPoseEstimation,
+        VitPoseImageProcessorPil,
+    )
 
     directory = Path(directory)
     torch.manual_seed(seed)
@@ -437,7 +443,12 @@ def build_tiny_vitpose_plus(directory: str | Path, seed: int = 0, dataset: str =
     """A 2-layer, 32-wide random ViTPose++ (6 experts of 8 features, classic decoder, 64x48 input) with
     ``dataset``'s 17-point head, saved in the real format; loads with ``VitPoseKeypoints(directory,
     dataset_index=3)`` for AP-10K, like a :func:`save_vitpose_plus` folder."""
-    from transformers import VitPoseBackboneConfig, VitPoseConfig, VitPoseForPoseEstimation, VitPoseImageProcessorPil
+    from transformers import (
+        VitPoseBackboneConfig,
+        VitPoseConfig,
+        VitPoseForPoseEstimation,
+        VitPoseImageProcessorPil,
+    )
 
     directory = Path(directory)
     torch.manual_seed(seed)

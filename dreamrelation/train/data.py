@@ -314,7 +314,7 @@ def _relation_phrase_of(entry: dict[str, Any], prompt: str, entities: list[str])
         predicate = " ".join(p.strip() for p in predicate if isinstance(p, str) and p.strip())
     if isinstance(predicate, str) and predicate.strip():
         return predicate.strip(), "predicate"
-    from .relation_phrase import relation_phrase
+    from ..relation_phrase import relation_phrase
 
     return relation_phrase(prompt, entities), "prompt"
 

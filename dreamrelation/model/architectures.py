@@ -43,8 +43,13 @@ def sdxl_components(device: str = "meta", dtype=None) -> dict:
     """Every SDXL component at its real size with random weights (tokenizers: the tiny byte-level one)."""
     import torch
     from diffusers import AutoencoderKL, EulerDiscreteScheduler
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPVisionConfig
-    from transformers import CLIPVisionModelWithProjection
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
+    )
 
     from .tiny import build_tokenizer
 

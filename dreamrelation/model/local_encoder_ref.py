@@ -4,7 +4,8 @@ it loads anything (the batch driver never imports torch).
 
 A reference is a local file or a ``train distill-encoder`` output folder (``local_encoder.safetensors``, else the
 ``epoch_N.pt`` of the highest N, e.g. the authors' ``epoch_6.pt``), a URL of either (``s3://...``), or a hub
-``owner/repo/filename``. Loading is ``dreamrelation.presets.local_encoder_file`` / ``dreamrelation.encoders``.
+``owner/repo/filename``. Loading is ``dreamrelation.model.presets.local_encoder_file`` /
+``dreamrelation.model.encoders``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from .config import SDXL, ModelSpec
 
-LOCAL_CHECKPOINT_NAME = "local_encoder.safetensors"  # what `train distill-encoder` writes (dreamrelation.distill)
+LOCAL_CHECKPOINT_NAME = "local_encoder.safetensors"  # what `train distill-encoder` writes (dreamrelation.train.distill)
 EPOCH_FILE = re.compile(r"epoch_(\d+)\.pt")
 
 

@@ -75,8 +75,12 @@ def tiny_unet_config() -> dict:
 def build_tiny_components(seed: int = TINY_SEED) -> dict:
     """The tiny SDXL components (diffusers pipeline kwargs) plus ``image_encoder``; deterministic for ``seed``."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPVisionConfig
-    from transformers import CLIPVisionModelWithProjection
+    from transformers import (
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
+    )
 
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
@@ -113,8 +117,8 @@ def build_tiny(directory: str | Path, seed: int = TINY_SEED) -> Path:
     """
     from diffusers import StableDiffusionXLPipeline
 
+    from ..metrics import METRICS_SUBDIR, build_tiny_metric_models
     from .adapter import ImagePromptAdapter
-    from .metrics import METRICS_SUBDIR, build_tiny_metric_models
 
     directory = Path(directory)
     components = build_tiny_components(seed)

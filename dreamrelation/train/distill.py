@@ -49,8 +49,13 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import CLIPVisionModelWithProjection
 
-from .config import EncoderConfig
-from .encoders import LOCAL_CHECKPOINT_NAME, SubjectEncoder, hf_to_open_clip_visual, roi_align_1x1
+from ..model.config import EncoderConfig
+from ..model.encoders import (
+    LOCAL_CHECKPOINT_NAME,
+    SubjectEncoder,
+    hf_to_open_clip_visual,
+    roi_align_1x1,
+)
 
 logger = logging.getLogger(__name__)
 
