@@ -39,7 +39,7 @@ KINDS = ("manifest", "triplets", "relationbench")
 MANIFEST_FILE = "manifest.parquet"
 RELATIONBENCH_FILE = "relationbench.parquet"
 SOURCE = "toy-world"
-KEYPOINT_LAYOUTS_KEY = "keypoint_layouts"  # == dreamrelation.data.LAYOUTS_KEY (no import: that module is the model's)
+KEYPOINT_LAYOUTS_KEY = "keypoint_layouts"  # == dreamrelation.train.data.LAYOUTS_KEY (no import: that module is the model's)
 
 
 def toy_relations(relations: Iterable[str] | None = None, arities: Sequence[int] = (1, 2, 3)) -> list[str]:

@@ -243,7 +243,7 @@ def test_manifest_rows_describe_their_renders(tmp_path):
 
 
 def test_triplets_are_what_train_relations_reads(tmp_path):
-    from dreamrelation.data import example_from_record
+    from dreamrelation.train.data import example_from_record
     from manifests.toy_data import write_toy_triplets
     from manifests.triplets import read_triplets
 

@@ -18,7 +18,7 @@ pattern), so a render can be read back exactly (``dreamrelation.toy.oracle``). R
 ``relation_holds`` from geometry alone (visible masks, full shapes, boxes); scenes are drawn until their relation
 holds and no other relation of the same arity does (nor, for a directional relation, the one with roles swapped).
 
-Keypoints: 17 per subject, places on the shape (so ``dreamrelation.data``'s "points" layout: a flip mirrors them
+Keypoints: 17 per subject, places on the shape (so ``dreamrelation.train.data``'s "points" layout: a flip mirrors them
 and keeps their order), in this order (``KEYPOINT_NAMES``): 0 the box centre; 1-8 points at 85% of the way from the
 centre to the outline, going clockwise from the top (top, top-right, right, bottom-right, bottom, bottom-left, left,
 top-left; "right" is image-right, y grows downwards); 9-16 the same eight directions at 45% of the way.
@@ -75,7 +75,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 DARK = 0.45  # a pattern's shade: the colour times this
 BACKGROUND = (240, 240, 240)
-KEYPOINT_LAYOUT = "points"  # dreamrelation.data.KEYPOINT_FLIPS: places on the subject, not left/right body parts
+KEYPOINT_LAYOUT = "points"  # dreamrelation.train.data.KEYPOINT_FLIPS: places on the subject, not left/right body parts
 _DIRECTIONS = ("top", "top_right", "right", "bottom_right", "bottom", "bottom_left", "left", "top_left")
 KEYPOINT_NAMES = ("centre", *_DIRECTIONS, *(f"inner_{d}" for d in _DIRECTIONS))
 MAX_TRIES = 2000  # layout draws per scene before giving up (a few suffice: see the test's counts)
