@@ -109,6 +109,7 @@ class EvalConfig:
     relations: tuple[str, ...] | None = None  # keep only these templates
     preset: str = "tiny"
     local_encoder: str | None = None  # the distilled local image encoder (None: the preset's)
+    local_grid: int | None = None  # local tokens per subject, n x n (None: the preset's); must match the LoRAs
     steps: int = 30
     width: int = 1024
     height: int = 1024
@@ -269,7 +270,7 @@ def job_config(config: EvalConfig, run: PlannedRun, manifest: str):
     conf = run.configuration
     worker = WorkerConfig(output=run.output, preset=config.preset, loras=conf.loras, device=config.device,
                           max_batch_images=config.max_batch_images, use_local_tokens=conf.use_local_tokens,
-                          local_encoder=config.local_encoder,
+                          local_encoder=config.local_encoder, local_grid=config.local_grid,
                           # a single LoRA folder runs through a registry.json the evaluation writes itself
                           access=AccessPolicy(allow_external_loras=config.allow_external_loras
                                               or run.registry_file is not None))

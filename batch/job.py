@@ -110,8 +110,9 @@ class JobConfig:
     def settings(self) -> dict[str, Any]:
         """What changes a row's images: fixed by the run's first submission."""
         w = self.worker_config()
+        grid = {"local_grid": w.local_grid} if w.local_grid is not None else {}  # runs made before it: the same
         return dict(manifest=self.manifest, preset=w.preset, local_encoder=w.local_encoder, loras=w.loras,
-                    use_local_tokens=w.use_local_tokens, dtype=w.dtype, metrics=w.metrics, gate=w.gate)
+                    use_local_tokens=w.use_local_tokens, dtype=w.dtype, metrics=w.metrics, gate=w.gate, **grid)
 
     def execution(self) -> dict[str, Any]:
         """How rows are made, not what they become: may change between attempts with ``--new-attempt``."""

@@ -60,6 +60,7 @@ class WorkerConfig:
     metrics: bool = True
     use_local_tokens: bool = True
     local_encoder: str | None = None  # a distilled local image encoder checkpoint (None: the preset's, if any)
+    local_grid: int | None = None  # local tokens per subject: n x n (None: the preset's, 4); LoRAs must match it
     compile_unet: bool = False
     gate: GateSpec | dict[str, Any] | None = None  # quality gate; stored as GateSpec.model_dump() (JSON, picklable)
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # subject images larger than this are refused, not decoded
@@ -74,6 +75,8 @@ class WorkerConfig:
     def __post_init__(self) -> None:
         if isinstance(self.access, dict):  # a config that travelled as plain data
             object.__setattr__(self, "access", AccessPolicy(**self.access))
+        if self.local_grid is not None and not (isinstance(self.local_grid, int) and 1 <= self.local_grid <= 16):
+            raise ValueError(f"--local-grid must be an integer from 1 to 16, got {self.local_grid!r}")
         if self.row_timeout is not None and not self.row_timeout > 0:
             raise ValueError(f"--row-timeout must be a positive number of seconds, got {self.row_timeout!r}")
         if self.gate is None:
@@ -149,6 +152,9 @@ class Worker:
         self.pipe = pipe if pipe is not None else load_pipeline(config.preset, device=device, dtype=dtype,
                                                                 local_encoder=config.local_encoder)
         self.pipe.set_progress_bar_config(disable=True)
+        if config.local_grid is not None:
+            self.pipe.adapter.encoder.set_local_grid(config.local_grid)
+        self._grid_problems: dict[str, str | None] = {}
         if config.compile_unet:
             self.pipe.unet = torch.compile(self.pipe.unet)
         self.registry = LoRARegistry(config.loras, config.access)
@@ -160,6 +166,25 @@ class Worker:
             from dreamrelation.metrics import get_metric_models, metric_model_refs
 
             self.scorer = get_metric_models(*metric_model_refs(config.preset), device=device)
+
+    def _grid_problem(self, relation: str) -> str | None:
+        """Why rows of ``relation`` cannot run here: its LoRA was trained with another local grid than this run's
+        (its card's ``config.local_grid``; paper Table 6), with local tokens on. None when they match or the LoRA
+        has no card; read once per relation."""
+        if relation not in self._grid_problems:
+            problem = None
+            try:
+                card = self.registry.card(relation) or {}
+            except Exception:  # noqa: BLE001 - an unreadable card: the LoRA itself is still checked on load
+                card = {}
+            config = card.get("config") if isinstance(card.get("config"), dict) else {}
+            trained = config.get("local_grid")
+            grid = self.pipe.adapter.encoder.config.local_grid
+            if self.config.use_local_tokens and config.get("use_local_tokens", True) and trained not in (None, grid):
+                problem = (f"relation {relation!r}: its LoRA was trained with --local-grid {trained}, this run "
+                           f"generates with {grid} local tokens per side: pass --local-grid {trained}")
+            self._grid_problems[relation] = problem
+        return self._grid_problems[relation]
 
     def _fingerprints(self, given_pipe: bool) -> dict[str, str | None]:
         """The weights' fingerprints (provenance of every result row); checked against the run's, if it has any."""
@@ -244,6 +269,11 @@ class Worker:
         """Rows sharing a batch key: one relation LoRA, then chunks of up to ``max_batch_images`` images; under
         the gate, further passes over the images that failed it (the rows' retries denoise together too)."""
         relation = group[0].row.relation or None
+        problem = self._grid_problem(relation) if relation else None
+        if problem:
+            for s in group:
+                s.error = problem
+            return
         t = time.perf_counter()
         try:
             hit = self.loras.activate(relation)

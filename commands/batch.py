@@ -35,6 +35,9 @@ def batch_submit(
              "tokens on --preset sdxl need it.")] = None,
     local_tokens: Annotated[bool, typer.Option(
         help="Add the local tokens of each subject image (paper 3.4.3).")] = True,
+    local_grid: Annotated[Optional[int], typer.Option(
+        help="Local tokens per subject: N x N cells (default: the preset's, 4; 2 and 8 in the paper's Table 6). "
+             "Rows whose relation LoRA was trained with another grid (its card.json) become error rows.")] = None,
     actors: Annotated[int, typer.Option(help="Generation actors (one model each; one GPU each on GPUs).")] = 1,
     gpus_per_actor: Annotated[Optional[float], typer.Option(
         help="GPUs per actor (default: 1 when the cluster has GPUs, else 0).")] = None,
@@ -143,7 +146,7 @@ def batch_submit(
     try:
         worker = WorkerConfig(output=output, preset=preset, loras=loras, device=device, metrics=metrics,
                               max_batch_images=max_batch_images, lora_cache_size=lora_cache_size, gate=gate,
-                              local_encoder=local_encoder, use_local_tokens=local_tokens,
+                              local_encoder=local_encoder, use_local_tokens=local_tokens, local_grid=local_grid,
                               max_image_pixels=max_image_pixels, row_timeout=row_timeout,
                               access=AccessPolicy(allow_http=allow_http, allow_private_urls=allow_private_urls,
                                                   allow_external_loras=allow_external_loras))

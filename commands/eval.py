@@ -40,6 +40,9 @@ def eval_relationbench(
         help="The distilled local image encoder of every configuration with local tokens: a `train "
              "distill-encoder` output folder or file, or the authors' epoch_6.pt (default: the preset's; "
              "--preset sdxl needs it unless every --config is ...:no-local-tokens).")] = None,
+    local_grid: Annotated[Optional[int], typer.Option(
+        help="Local tokens per subject: N x N (default: the preset's, 4); it must match the LoRAs' training "
+             "(their card.json), e.g. 8 for LoRAs trained with --local-grid 8.")] = None,
     steps: Annotated[int, typer.Option(help="Denoising steps per image.")] = 30,
     size: Annotated[int, typer.Option(help="Image width and height (a multiple of 8).")] = 1024,
     num_images: Annotated[int, typer.Option(help="Images per case (seeds seed, seed+1, ...).")] = 1,
@@ -66,7 +69,7 @@ def eval_relationbench(
     ids = None if relations is None else tuple(r.strip() for r in relations.split(",") if r.strip())
     cfg = EvalConfig(subjects_dir=subjects_dir, output=output, configs=tuple(config), loras=loras, n_single=n_single,
                      n_multi=n_multi, seed=seed, relations=ids, preset=preset, steps=steps, width=size, height=size,
-                     local_encoder=_local_encoder(local_encoder),
+                     local_encoder=_local_encoder(local_encoder), local_grid=local_grid,
                      num_images=num_images, allow_missing=allow_missing,
                      allow_external_loras=allow_external_loras, actors=actors, batch_size=batch_size,
                      gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, device=device, address=address,

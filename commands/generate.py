@@ -119,6 +119,9 @@ def generate(
         help=f"Negative prompt (default: the paper's, {DEFAULTS.negative_prompt!r}).")] = None,
     local_tokens: Annotated[bool, typer.Option(
         help="Add the 16 local tokens per subject (paper 3.4.3); on --preset sdxl they need --local-encoder.")] = True,
+    local_grid: Annotated[Optional[int], typer.Option(
+        help="Local tokens per subject: N x N (default: the preset's, 4; use the grid the --lora was trained "
+             "with, its card.json's config.local_grid).")] = None,
     local_encoder: Annotated[Optional[str], typer.Option(
         help="The distilled local image encoder: a `train distill-encoder` output folder or its "
              "local_encoder.safetensors / epoch_N.pt, or the authors' epoch_6.pt (default: the preset's; the tiny "
@@ -205,6 +208,10 @@ def generate(
         pipe = load_pipeline(spec, device=device, local_encoder=local_encoder, use_local_tokens=local_tokens)
     except (OSError, ValueError, RuntimeError) as exc:
         fail(f"could not load preset {preset!r}: {exc}", code=1)
+    if local_grid is not None:
+        if not 1 <= local_grid <= 16:
+            fail(f"--local-grid must be an integer from 1 to 16, got {local_grid}")
+        pipe.adapter.encoder.set_local_grid(local_grid)
     relation = None
     if lora_path is not None:
         relation = _relation_id(lora_path)

@@ -203,6 +203,48 @@ def test_relation_without_a_lora_fails_only_its_rows(worker, example_rows):
     assert results[0].relation == "kissing"
 
 
+def test_the_local_grid_is_the_runs_and_a_lora_trained_with_another_fails_its_rows(tiny_dir, example_rows,
+                                                                                    tmp_path):
+    """--local-grid sets the local tokens per subject (n x n); a relation LoRA whose card says it was trained
+    with another grid (the paper's Table 6 ablation) fails its rows with a reason naming both, the rest run."""
+    import json
+    import shutil
+
+    import torch
+
+    loras = tmp_path / "loras"
+    shutil.copytree(LORAS, loras)
+    card = json.loads((loras / "hugging" / "card.json").read_text())
+    (loras / "hugging" / "card.json").write_text(json.dumps({**card, "config": {"local_grid": 2}}))
+    hug, ride = by_relation(example_rows, "hugging")[0], by_relation(example_rows, "riding")[0]
+    rows = [variant(hug, "g-hug"), variant(ride, "g-ride")]
+    with pytest.raises(ValueError, match="--local-grid must be an integer from 1 to 16, got 0"):
+        WorkerConfig(output=str(tmp_path / "o"), local_grid=0)
+
+    four = Worker(WorkerConfig(output=str(tmp_path / "o4"), preset="tiny", loras=str(loras), device="cpu",
+                               metrics=False))
+    assert four.pipe.adapter.encoder.config.local_grid == 4  # the preset's
+    results = four.process(rows)
+    assert [r.status for r in results] == ["error", "ok"]
+    assert results[0].error == ("relation 'hugging': its LoRA was trained with --local-grid 2, this run generates "
+                                "with 4 local tokens per side: pass --local-grid 2")
+    two = Worker(WorkerConfig(output=str(tmp_path / "o2"), preset="tiny", loras=str(loras), device="cpu",
+                              metrics=False, local_grid=2))
+    encoder = two.pipe.adapter.encoder
+    assert encoder.config.local_grid == 2
+    with torch.no_grad():
+        n_two = encoder([make_subject(1)]).shape[1]
+        n_four = four.pipe.adapter.encoder([make_subject(1)]).shape[1]
+    assert n_four - n_two == 4 * 4 - 2 * 2  # 16 local tokens per subject at grid 4, 4 at grid 2
+    results = two.process(rows)
+    assert [r.status for r in results] == ["ok", "ok"]
+    # the grid changes the image: the same row at grid 2 and at grid 4 (no LoRA) differ
+    plain = variant(by_relation(example_rows, None)[0], "g-plain")
+    a = pixels(files(two, two.process([plain])[0])[0]).astype(int)
+    b = pixels(files(four, four.process([plain])[0])[0]).astype(int)
+    assert np.abs(a - b).mean() > 0
+
+
 # ---- identical images whatever the batching and the caches --------------------------------------------------
 def test_image_is_the_same_in_a_batch_and_alone(worker, example_rows):
     rows = by_relation(example_rows, "shaking_hands")[:3]  # 1 + 2 + 1 images: one batch of 4

@@ -21,6 +21,7 @@ embedding, so the order does not change its output.
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -281,6 +282,12 @@ class SubjectEncoder(nn.Module):
         ``require_local_model`` is off)."""
         self.check_local_encoder()
         return self.vision_model if self.local_model is None else self.local_model
+
+    def set_local_grid(self, n: int) -> None:
+        """Local tokens per subject: ``n`` x ``n`` roi cells (4 in the paper; 2 and 8 in its Table 6). A relation
+        LoRA is meant to be used with the grid it was trained with (its card's ``config.local_grid``)."""
+        if self.config.local_grid != n:
+            self.config = replace(self.config, local_grid=n)
 
     def check_local_encoder(self) -> None:
         """Raise ``ValueError`` if local tokens cannot be made: a real model with no distilled local tower."""

@@ -166,8 +166,7 @@ class RelationLossModel:
         self.losses = train_losses(config)
         self.device = pipe.unet.device
         encoder = pipe.adapter.encoder
-        if encoder.config.local_grid != config.local_grid:  # the local-grid ablation (paper Table 6)
-            encoder.config = replace(encoder.config, local_grid=config.local_grid)
+        encoder.set_local_grid(config.local_grid)  # the local-grid ablation (paper Table 6)
         if config.use_local_tokens:
             encoder.check_local_encoder()  # a real model needs its distilled local encoder: fail before any work
         relation = config.relation
