@@ -197,7 +197,7 @@ def plan(config: EvalConfig) -> tuple[list[GenerationRow], list[PlannedRun]]:
             conf = replace(conf, loras=root)
             has = lambda r, known=frozenset(registry_file): r in known  # noqa: E731
             where = f"{weights} (one LoRA, relation {relation!r})"
-            why = lambda r: "not in it"  # noqa: E731
+            why = lambda r: f"it is not a LoRA of {r!r}"  # noqa: E731
         else:
             registry = LoRARegistry(conf.loras, access=AccessPolicy(allow_external_loras=config.allow_external_loras))
             has, where, why = registry.has, f"the LoRA registry at {conf.loras!r}", registry.problem

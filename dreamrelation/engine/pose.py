@@ -419,30 +419,21 @@ def vitpose_plus_base_config(dataset: str = "ap10k"):
 def build_tiny_vitpose(directory: str | Path, seed: int = 0) -> Path:
     """A 2-layer, 32-wide random ``VitPoseForPoseEstimation`` (64x48 input, 17 COCO keypoints) + its image
     processor, saved in the real format; loads with ``VitPoseKeypoints(directory)``."""
-    # the PIL processor class needs no torchvision and saves the same config ("VitPoseImageProcessor")
-    from transformers import (
-        VitPoseBackboneConfig,
-        VitPoseConfig,
-        VitPoseForPoseEstimation,
-        VitPoseImageProcessorPil,
-    )
-
-    directory = Path(directory)
-    torch.manual_seed(seed)
-    backbone = VitPoseBackboneConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2,
-                                     image_size=[64, 48], patch_size=[8, 8], out_indices=[2])
-    model = VitPoseForPoseEstimation(VitPoseConfig(backbone_config=backbone.to_dict(),
-                                                   id2label=dict(enumerate(COCO_KEYPOINTS))))
-    model.save_pretrained(directory)
-    VitPoseImageProcessorPil(size={"height": 64, "width": 48}).save_pretrained(directory)
-    logger.info("tiny ViTPose written to %s", directory)
-    return directory
+    return _save_tiny_vitpose(directory, seed, COCO_KEYPOINTS, {}, {})
 
 
 def build_tiny_vitpose_plus(directory: str | Path, seed: int = 0, dataset: str = "ap10k") -> Path:
     """A 2-layer, 32-wide random ViTPose++ (6 experts of 8 features, classic decoder, 64x48 input) with
     ``dataset``'s 17-point head, saved in the real format; loads with ``VitPoseKeypoints(directory,
     dataset_index=3)`` for AP-10K, like a :func:`save_vitpose_plus` folder."""
+    return _save_tiny_vitpose(directory, seed, POSE_LAYOUTS[dataset],
+                              {"num_experts": len(VITPOSE_PLUS_DATASETS), "part_features": 8},
+                              {"use_simple_decoder": False})
+
+
+def _save_tiny_vitpose(directory: str | Path, seed: int, labels, backbone_extra: dict, config_extra: dict) -> Path:
+    """The tiny ViTPose (``backbone_extra``: ViTPose++ experts; ``config_extra``: its classic decoder) with the
+    keypoint ``labels`` and the PIL image processor (no torchvision; it saves the same "VitPoseImageProcessor")."""
     from transformers import (
         VitPoseBackboneConfig,
         VitPoseConfig,
@@ -453,11 +444,10 @@ def build_tiny_vitpose_plus(directory: str | Path, seed: int = 0, dataset: str =
     directory = Path(directory)
     torch.manual_seed(seed)
     backbone = VitPoseBackboneConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2,
-                                     image_size=[64, 48], patch_size=[8, 8], out_indices=[2],
-                                     num_experts=len(VITPOSE_PLUS_DATASETS), part_features=8)
-    model = VitPoseForPoseEstimation(VitPoseConfig(backbone_config=backbone.to_dict(), use_simple_decoder=False,
-                                                   id2label=dict(enumerate(POSE_LAYOUTS[dataset]))))
+                                     image_size=[64, 48], patch_size=[8, 8], out_indices=[2], **backbone_extra)
+    model = VitPoseForPoseEstimation(VitPoseConfig(backbone_config=backbone.to_dict(), **config_extra,
+                                                   id2label=dict(enumerate(labels))))
     model.save_pretrained(directory)
     VitPoseImageProcessorPil(size={"height": 64, "width": 48}).save_pretrained(directory)
-    logger.info("tiny ViTPose++ (%s head) written to %s", dataset, directory)
+    logger.info("tiny ViTPose (%d experts) written to %s", backbone_extra.get("num_experts", 1), directory)
     return directory
