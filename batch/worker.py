@@ -219,6 +219,8 @@ class Worker:
                 continue
             states.append(_RowState(row=row, relation_phrase=self._relation_phrase(row)))
         live = [s for s in states if isinstance(s, _RowState)]
+        for s in live:  # what an actor killed while writing this row left; this actor now owns the row
+            storage.remove_temporaries(storage.join(self.config.output, "images", s.row.row_id))
         if any(s.row.row_id in self.config.crash_on_rows for s in live):
             os._exit(17)  # fault injection (tests): dies as an out-of-memory kill or a native crash would
         groups: dict[tuple, list[_RowState]] = defaultdict(list)

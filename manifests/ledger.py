@@ -189,6 +189,7 @@ def compact(output: str, attempt_id: str, rows_per_file: int = 50_000) -> int:
     delete the parts; returns the number of files merged (0 when there was nothing to do). Safe to interrupt: the
     merged file is written before any part is deleted, and the ledger reads duplicates of a result as one."""
     folder = results_folder(output, attempt_id)
+    storage.remove_temporaries(folder)  # a writer killed mid-write; the attempt is over, so none is at work
     files = [f for f in storage.list_files(folder, ".parquet")
              if f.rsplit("/", 1)[-1].startswith((PART_PREFIX, MERGED_PREFIX))]
     if len(files) <= 1:

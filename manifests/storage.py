@@ -102,6 +102,22 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
         fs.pipe_file(path, data)
 
 
+def remove_temporaries(folder: str) -> list[str]:
+    """Delete what a killed writer left behind under the local folder ``folder`` (its ``*.tmp-*`` files, at any
+    depth); returns their paths. Call it only where no live writer can be at work. Object stores: nothing (a PUT
+    leaves no temporary)."""
+    fs, path = filesystem(folder)
+    if not isinstance(fs, LocalFileSystem) or not os.path.isdir(path):
+        return []
+    found = [os.path.join(d, f) for d, _, files in os.walk(path) for f in files if ".tmp-" in f]
+    for p in found:
+        try:
+            os.remove(p)
+        except FileNotFoundError:
+            pass
+    return found
+
+
 def remove(uri: str) -> None:
     """Delete the file at ``uri``; nothing happens when there is none."""
     fs, path = filesystem(uri)

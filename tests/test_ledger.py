@@ -4,6 +4,7 @@ files written by hand in the layout the actors write."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -102,7 +103,11 @@ def test_compaction_merges_parts_and_keeps_every_result(out):
         write_results(rows[i:i + 2], part_uri(out, "0001", [r.row_id for r in rows[i:i + 2]]))
     before = read_ledger(out).to_pylist()
     assert len(result_files(out)) == 5
+    stale = Path(out) / "results" / "0001" / "part-killed.parquet.tmp-0123"  # a local writer killed mid-write
+    if "://" not in out:
+        stale.write_bytes(b"PAR1 half a file")
     assert compact(out, "0001", rows_per_file=4) == 5
+    assert not stale.exists(), "the finished attempt's folder keeps no half-written file"
     files = result_files(out)
     assert len(files) == 3 and all(f.rsplit("/", 1)[-1].startswith("merged-") for f in files)
     assert read_ledger(out).to_pylist() == before

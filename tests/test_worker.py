@@ -105,6 +105,20 @@ def test_images_are_pngs_of_the_rows_size_at_their_keys(example_rows, example_re
         assert sorted(os.listdir(out / "images" / row["row_id"])) == names
 
 
+def test_a_row_starts_by_removing_what_a_killed_writer_left_in_its_folder(worker, example_rows, out):
+    """An actor killed between writing a temporary and renaming it leaves ``{k}.png.tmp-*``; Ray retries the row on
+    another actor, which owns the row now and clears them."""
+    row = variant(example_rows[0], "stale-tmp", num_images=1)
+    folder = out / "images" / "stale-tmp"
+    (folder / "attempts").mkdir(parents=True)
+    for stale in (folder / "0.png.tmp-dead", folder / "attempts" / "0-0.png.tmp-dead"):
+        stale.write_bytes(b"\x89PNG half")
+    [result] = worker.process([row])
+    assert result.status == "ok", result.error
+    assert tmp_files(folder) == []
+    assert sorted(os.listdir(folder)) == ["0.png", "attempts"]
+
+
 def test_metrics_have_one_value_per_image_in_range(example_rows, example_results):
     for row, result in zip(example_rows, example_results):
         for m in METRICS:
