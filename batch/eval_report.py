@@ -19,14 +19,12 @@ from manifests.relationbench import KINDS, case_kind, template
 from manifests.schema import GenerationRow
 
 from .evaluate import METRICS
-from .report import render_report
+from .report import preset_banner, render_report
 
 LABELS = {"clip_t": "CLIP-T", "clip_r": "CLIP-R", "clip_i": "CLIP-I", "dino": "DINO"}
 KIND_TITLES = {"single": "Single-object", "multi": "Multi-object"}
 CSV_COLUMNS = ("config", "kind", "metric", "mean", "ci_low", "ci_high", "n")
 RELATION_COLUMNS = ("config", "kind", "relation", "metric", "mean", "ci_low", "ci_high", "n")
-TINY_BANNER = ("<p class=\"warn\"><b>Preset 'tiny'</b>: random miniature weights. These images are noise and their "
-               "metrics say nothing about quality; they show that every step of the evaluation ran.</p>")
 
 
 def _cell_text(cell: dict[str, Any] | None) -> str:
@@ -177,7 +175,7 @@ def gallery_html(output: str, configs: Sequence[str], cases: Sequence[Generation
                     f'<figcaption>{e(_metrics_line(res, k))}</figcaption></figure>'
                     for k, u in enumerate(res.get("images") or [])) + "</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
-    banner = TINY_BANNER if preset == "tiny" else ""
+    banner = preset_banner(preset, "evaluation")
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>RelationBench: {e(output)}</title>
 <style>body{{font-family:sans-serif;margin:1.5em}} table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:6px;vertical-align:top;font-size:13px}} td.case{{max-width:280px}}

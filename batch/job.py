@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from dreamrelation.model.preset_names import is_named
 from manifests import storage
 from manifests.access import AccessPolicy
 from manifests.errors import one_line
@@ -91,7 +92,7 @@ class JobConfig:
     def absolute(self) -> "JobConfig":
         """Every user path as an absolute URI (a worker's folder is not the shell's)."""
         worker = self.worker_config()
-        preset = self.preset if self.preset in ("tiny", "sdxl") else storage.absolute(self.preset)
+        preset = self.preset if is_named(self.preset) else storage.absolute(self.preset)
         loras = storage.absolute(self.loras) if self.loras else None
         output = storage.absolute(self.output).rstrip("/")
         local = worker.local_encoder  # a local path made absolute; a URL or a hub ref owner/repo/file as is

@@ -17,6 +17,17 @@ METRICS = ("clip_t", "clip_r", "clip_i", "clip_i_crop", "dino")
 REPORT_ROWS = 2000  # rows shown in report.html: a gallery, not a dump of a million-row run
 
 
+def preset_banner(preset: str | None, what: str) -> str:
+    """The warning a report of a miniature preset's ``what`` ("job", "evaluation") opens with ("" for others)."""
+    if preset == "tiny":
+        return ("<p class=\"warn\"><b>Preset 'tiny'</b>: random miniature weights. These images are noise and their "
+                f"metrics say nothing about quality; they show that every step of the {what} ran.</p>")
+    if preset == "toy":
+        return ("<p class=\"warn\"><b>Preset 'toy'</b>: a miniature model trained on the toy world (coloured shapes "
+                "at 64 px, <code>dreamrelation.toy</code>). Its CLIP scores come from a CLIP trained on that world and "
+                "its DINO scores from a random DINO; what its oracle measured is in the preset's card.json.</p>")
+    return ""
+
 def load_run(output: str, limit: int | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(run.json or {}, the ledger: the final result of each row (the first ``limit`` by row id), image URIs
     resolved under ``output``)."""
@@ -121,8 +132,7 @@ def render_report(output: str) -> str:
                          for r in errors)
     options = "".join(f'<option value="{m.replace("_", "")}">{m.upper().replace("_", "-")}</option>' for m in METRICS)
     preset = (run.get("settings") or run.get("configuration") or {}).get("preset")
-    banner = ("<p><b>Preset 'tiny'</b>: random miniature weights. These images are noise and their metrics say "
-              "nothing about quality; they show that every step of the job ran.</p>" if preset == "tiny" else "")
+    banner = preset_banner(preset, "job")
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>dreamrelation run: {html.escape(output)}</title>
 <style>body{{font-family:sans-serif;margin:1.5em}} .grid{{display:flex;flex-wrap:wrap;gap:12px}}
 .card{{width:260px;margin:0;border:1px solid #ccc;padding:6px;font-size:13px}}

@@ -34,6 +34,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from dreamrelation.model.preset_names import is_named, training_resolution
 from manifests import storage
 from manifests.errors import one_line
 from manifests.registry import LoRARegistry
@@ -66,7 +67,7 @@ class TrainJobConfig:
     profile: str = "paper"
     steps: int = 500
     batch_size: int = 8
-    resolution: int | None = None  # default: 1024 (sdxl) or 64 (tiny)
+    resolution: int | None = None  # default: training_resolution(preset): 64 for tiny and toy, else 1024
     checkpoint_every: int = 100
     seed: int = 0
     name: str = "train-relations"  # a stable run name: the same name resumes
@@ -89,7 +90,7 @@ class TrainJobConfig:
 
     def absolute(self) -> TrainJobConfig:
         """Every user path as an absolute URI: a Tune trial runs in a folder of Ray's, not the shell's."""
-        preset = self.preset if self.preset in ("tiny", "sdxl") else storage.absolute(self.preset)
+        preset = self.preset if is_named(self.preset) else storage.absolute(self.preset)
         return replace(self, data=storage.absolute(self.data).rstrip("/"),
                        output=storage.absolute(self.output).rstrip("/"), preset=preset,
                        loras=storage.absolute(self.loras).rstrip("/") if self.loras else None,
@@ -123,7 +124,7 @@ class TrainJobConfig:
         return {k: v for k, v in asdict(self).items() if k in EXECUTION_FIELDS and k != "fail_once"}
 
     def _resolution(self) -> int:
-        return self.resolution or (64 if self.preset == "tiny" else 1024)
+        return self.resolution or training_resolution(self.preset)
 
     def train_config(self, relation: str):
         from dreamrelation.model.config import TrainConfig

@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from commands.common import fail, progress_bar, quiet_ray_logs
+from commands.common import PRESET_HELP, fail, progress_bar, quiet_ray_logs
 
 batch_app = typer.Typer(help="Batch generation on Ray: Parquet manifests in, images and per-row metrics out.",
                         no_args_is_help=True)
@@ -24,8 +24,7 @@ def batch_submit(
     output: Annotated[str, typer.Option(help="Output root of the run (path or URL): images/, results/, attempts/, "
                                              "rejected.parquet, run.json, report.html. One run per output.")]
     = "outputs/batch",
-    preset: Annotated[str, typer.Option(help="'tiny' (built-in miniature model, noise images), 'sdxl' (public "
-                                             "weights) or a model folder.")] = "tiny",
+    preset: Annotated[str, typer.Option(help=PRESET_HELP + ".")] = "tiny",
     loras: Annotated[Optional[str], typer.Option(
         help="LoRA registry root: {loras}/{relation}/pytorch_lora_weights.safetensors or {loras}/registry.json. "
              "Default: manifests/examples/loras when the manifest is the example one, else none.")] = None,

@@ -7,6 +7,9 @@ from typing import Any, Callable, NoReturn
 import typer
 
 
+PRESET_HELP = ("'tiny' (random miniature weights, built on first use: noise images, for tests), 'toy' (a miniature "
+               "model trained on the toy world, shipped: coloured shapes at 64 px; see `dreamrelation data "
+               "toy-world`), 'sdxl' (public weights) or a model folder")
 DEBUG = False  # `dreamrelation --debug ...` or DREAMRELATION_DEBUG=1: tracebacks with errors, and debug logging
 
 

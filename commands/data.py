@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from commands.common import fail, progress_bar
+from commands.common import PRESET_HELP, fail, progress_bar
 
 data_app = typer.Typer(help="Relation fine-tuning data: triplets (subject images, target, keypoints).",
                        no_args_is_help=True)
@@ -51,8 +51,8 @@ def data_generate(
                                              "manifests/examples/relation_spec.yaml.")],
     output: Annotated[str, typer.Option(help="Dataset root (path or URL): triplets.parquet, images/, outcomes/, "
                                              "dropped.parquet, engine.json.")] = "outputs/engine",
-    preset: Annotated[str, typer.Option(help="'tiny' (built-in miniature models, noise images), 'sdxl' (public "
-                                             "weights) or a model folder; also picks the annotators.")] = "tiny",
+    preset: Annotated[str, typer.Option(help=PRESET_HELP + "; also picks the annotators (tiny and toy: the "
+                                             "tiny, random ones).")] = "tiny",
     generator: Annotated[str, typer.Option(help="'pipeline' (our SDXL stack) or 'api' (an OpenAI-compatible "
                                                 "images API).")] = "pipeline",
     api_base: Annotated[Optional[str], typer.Option(help="Images API base URL, e.g. https://api.openai.com/v1 "

@@ -11,12 +11,13 @@ from typing import Annotated, Optional
 
 import typer
 
-from commands.common import fail
+from commands.common import PRESET_HELP, fail
 from dreamrelation.model.config import SamplingConfig  # a plain dataclass: no torch
 
 DEFAULTS = SamplingConfig()
 
-models_app = typer.Typer(help="Build model folders (the tiny preset's miniature SDXL).", no_args_is_help=True)
+models_app = typer.Typer(help="Build model folders: the tiny preset (random weights) and the toy preset (trained on "
+                                "the toy world).", no_args_is_help=True)
 
 
 def _parse_box(text: str) -> list[float]:
@@ -75,6 +76,70 @@ def build_tiny_cmd(
     typer.echo(f"tiny model written to {directory}")
 
 
+@models_app.command("train-toy")
+def train_toy_cmd(
+    output: Annotated[Path, typer.Argument(help="Folder of the training run (created): OUTPUT/model is the model "
+                                                "folder, OUTPUT/checkpoints what a rerun resumes from.")],
+    seed: Annotated[int, typer.Option(help="Seed of the weights and of the training scenes.")] = 0,
+    scenes: Annotated[int, typer.Option(help="Rendered training scenes.")] = 6000,
+    held_out: Annotated[str, typer.Option(help="The relation the model never sees (a relation LoRA learns it).")
+                        ] = "on_top_of",
+    vae_steps: Annotated[int, typer.Option(help="Steps of the VAE (reconstruction).")] = 500,
+    base_steps: Annotated[int, typer.Option(help="Steps of the text-to-image model (UNet + text encoders).")] = 3000,
+    adapter_steps: Annotated[int, typer.Option(help="Steps of the image-prompt adapter + image encoder.")] = 1500,
+    clip_steps: Annotated[int, typer.Option(help="Steps of the metric CLIP.")] = 800,
+    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints (a rerun resumes there).")] = 100,
+    eval_cases: Annotated[int, typer.Option(help="Oracle-judged images per measurement in the card (0: none).")
+                          ] = 64,
+) -> None:
+    """Train the toy preset on the toy world, on this machine (CPU is fine: ~1 h on 2 cores at the defaults).
+
+    Stages: the VAE, the text-to-image model (every relation but --held-out), the adapter (subject images + boxes ->
+    identity in place) and a CLIP for the metrics. Each stage checkpoints every --checkpoint-every steps; run the same
+    command again to resume (other settings than the checkpoints' are refused; only step counts may grow). Writes
+    OUTPUT/model (use it as `--preset OUTPUT/model`) and OUTPUT/card.json: data, steps, seeds, time, machine and
+    the oracle's measurements of identity and relation accuracy.
+    """
+    if output.exists() and not output.is_dir():
+        fail(f"OUTPUT {str(output)!r} is a file; give a folder")
+    if output.is_dir() and any(output.iterdir()) and not (output / "checkpoints").is_dir():
+        fail(f"OUTPUT {str(output)!r} is not empty and holds no toy training run (no checkpoints/); pick a new folder")
+    from dreamrelation.train.toy_model import SettingsChanged, ToySettings, train_toy
+
+    try:
+        settings = ToySettings(seed=seed, scenes=scenes, held_out=held_out, vae_steps=vae_steps,
+                               base_steps=base_steps, adapter_steps=adapter_steps, clip_steps=clip_steps,
+                               checkpoint_every=checkpoint_every, eval_cases=eval_cases)
+    except ValueError as exc:
+        fail(f"--{exc}".replace("_", "-") if "must be a positive" in str(exc) else f"--held-out: {exc}")
+    from tqdm import tqdm
+
+    bars: dict[str, tqdm] = {}
+
+    def progress(stage: str, step: int, total: int, figures: dict[str, float]) -> None:
+        if stage not in bars:
+            for bar in bars.values():
+                bar.close()
+            bars[stage] = tqdm(total=total, initial=step - 1, desc=f"train-toy {stage}", unit="step")
+        bar = bars[stage]
+        bar.update(step - bar.n)
+        bar.set_postfix(loss=f"{figures['loss']:.4f}", refresh=False)
+
+    try:
+        result = train_toy(output, settings, progress=progress)
+    except SettingsChanged as exc:
+        fail(str(exc))
+    finally:
+        for bar in bars.values():
+            bar.close()
+    card = result.card
+    typer.echo(f"toy model written to {result.model} ({card['size_bytes'] / 1e6:.1f} MB, "
+               f"{card['seconds'] / 60:.1f} min of training); card: {output / 'card.json'}")
+    for name, m in (card.get("oracle") or {}).items():
+        typer.echo(f"  {name}: identity {m['identity']['rate']:.0%}, relation {m['relation']['rate']:.0%}, "
+                   f"both {m['both']['rate']:.0%} of {m['cases']} (oracle)")
+
+
 def generate(
     prompt: Annotated[Optional[str], typer.Option(
         help="Prompt naming the subjects and the relation, e.g. 'a dog is hugging a cat'.")] = None,
@@ -95,9 +160,8 @@ def generate(
     no_lora: Annotated[bool, typer.Option(
         "--no-lora", help="Generate without a relation LoRA, ignoring the config's lora_weights.")] = False,
     preset: Annotated[str, typer.Option(
-        help="Model: 'tiny' (the default, as in `batch submit`: built-in miniature model with random weights, "
-             "built once under $DREAMRELATION_HOME: its images are noise), 'sdxl' (public weights) or a model folder "
-             "(see `models build-tiny`).")] = "tiny",
+        help="Model (default 'tiny', as in `batch submit`): " + PRESET_HELP + " (see `models build-tiny`, "
+             "`models train-toy`).")] = "tiny",
     output: Annotated[Path, typer.Option(
         help="Folder for k.png, k_layout.png (boxes drawn) and generation.json (the settings used).")
     ] = Path("outputs/generate"),

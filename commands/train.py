@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from commands.common import fail
+from commands.common import PRESET_HELP, fail
 
 train_app = typer.Typer(help="Fine-tune relation LoRAs (in parallel on Ray) and distill the local encoder.",
                         no_args_is_help=True)
@@ -21,14 +21,14 @@ def train_relations(
     output: Annotated[str, typer.Option(help="Run storage (path or URL); LoRAs are registered under "
                                              "OUTPUT/loras unless --loras is given.")] = "outputs/train",
     loras: Annotated[Optional[str], typer.Option(help="LoRA registry root that `batch submit --loras` reads.")] = None,
-    preset: Annotated[str, typer.Option(help="'tiny', 'sdxl' or a model folder.")] = "tiny",
+    preset: Annotated[str, typer.Option(help=PRESET_HELP + ".")] = "tiny",
     profile: Annotated[str, typer.Option(help="Loss weights, KML gate and augmentation: 'paper' (KML 1e-3 at "
                                               "every t, no augmentation), 'public-code' (KML 0.1 for t <= 333, "
                                               "relation-attention loss 1e-3, flip + crop) or 'no-kml' (the paper's "
                                               "without KML). The options below override single knobs.")] = "paper",
     steps: Annotated[int, typer.Option(help="Optimizer steps per relation.")] = 500,
     batch_size: Annotated[int, typer.Option(help="Examples per step (by gradient accumulation).")] = 8,
-    resolution: Annotated[Optional[int], typer.Option(help="Training resolution (default 1024; 64 for tiny).")] = None,
+    resolution: Annotated[Optional[int], typer.Option(help="Training resolution (default 1024; 64 for tiny and toy).")] = None,
     checkpoint_every: Annotated[int, typer.Option(help="Checkpoint every K steps (a failed trial resumes "
                                                        "there).")] = 100,
     workers_per_relation: Annotated[int, typer.Option(help="> 1: data-parallel (DDP) training of each relation on "
@@ -178,8 +178,8 @@ def train_distill_encoder(
     output: Annotated[Path, typer.Option(help="Folder for local_encoder.safetensors, local_encoder.json and "
                                               "epoch_N.pt; pass it as --local-encoder to generate, batch submit, "
                                               "train relations, data generate and eval relationbench.")],
-    preset: Annotated[str, typer.Option(help="Model whose image encoder is distilled: 'tiny', 'sdxl' or a "
-                                             "folder (only its image encoder is loaded).")] = "tiny",
+    preset: Annotated[str, typer.Option(help="Model whose image encoder is distilled (only its image encoder is "
+                                             "loaded): " + PRESET_HELP + ".")] = "tiny",
     epochs: Annotated[int, typer.Option(help="Passes over the images (paper: 6).")] = 6,
     lr: Annotated[float, typer.Option(help="Peak learning rate (paper: 1e-5).")] = 1e-5,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass (memory).")] = 2,

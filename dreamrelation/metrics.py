@@ -170,13 +170,18 @@ def _image_key(image: Image.Image) -> tuple:
 def metric_model_refs(model_dir_or_name: str | Path) -> tuple[str, str]:
     """(clip, dino) for a preset: a tiny model folder's ``metrics/{clip,dino}``, else the public hub ids.
 
-    ``"tiny"`` resolves to the tiny preset's folder (built with its metric models on first use).
+    ``"tiny"`` resolves to the tiny preset's folder (built with its metric models on first use), ``"toy"`` to the
+    toy preset's (its CLIP trained on the toy world).
     """
     name = str(model_dir_or_name)
     if name == "tiny":
         from .model.presets import tiny_model_dir
 
         folder = tiny_model_dir()
+    elif name == "toy":
+        from .model.preset_names import toy_model_dir
+
+        folder = toy_model_dir()
     else:
         folder = Path(model_dir_or_name)
     metrics = folder / METRICS_SUBDIR
@@ -393,13 +398,13 @@ def build_tiny_metric_components(seed: int = 0) -> dict:
         ViTModel,
     )
 
-    from .model.tiny import _text_config, build_tokenizer
+    from .model.tiny import build_tokenizer, text_config
 
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                               image_size=32, patch_size=8)
-    clip = CLIPModel(CLIPConfig(text_config=_text_config(tokenizer, True).to_dict(), vision_config=vision.to_dict(),
+    clip = CLIPModel(CLIPConfig(text_config=text_config(tokenizer).to_dict(), vision_config=vision.to_dict(),
                                 projection_dim=16))
     torch.manual_seed(seed + 1)
     dino = ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,

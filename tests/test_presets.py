@@ -47,7 +47,7 @@ def test_resolve_spec():
     assert resolve_spec("sdxl") == SDXL
     assert SDXL.base == "stabilityai/stable-diffusion-xl-base-1.0"
     assert SDXL.image_encoder == "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k"
-    with pytest.raises(ValueError, match=r"preset must be one of \['tiny', 'sdxl'\] or a model folder.*'nope'"):
+    with pytest.raises(ValueError, match=r"preset must be one of \['tiny', 'toy', 'sdxl'\] or a model folder.*'nope'"):
         resolve_spec("nope")
 
 

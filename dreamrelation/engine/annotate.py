@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..model.preset_names import PRESETS, SMALL_PRESETS
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -260,7 +262,7 @@ def annotator_refs(preset: str | Path) -> AnnotatorRefs:
     from .pose import VITPOSE_ID
 
     name = str(preset)
-    if name == "tiny":
+    if name in SMALL_PRESETS:  # the toy model has no annotators of its own: the tiny (random) ones
         folder = tiny_annotator_dir()
     elif Path(name).is_dir():
         folder = Path(name)
@@ -269,7 +271,7 @@ def annotator_refs(preset: str | Path) -> AnnotatorRefs:
     elif name == "sdxl":
         return AnnotatorRefs(OWLV2_ID, SAM_ID, DINOV2_ID, VITPOSE_ID, CAPTION_ID)
     else:
-        raise ValueError(f"preset must be 'tiny', 'sdxl' or an existing model folder, got {name!r}")
+        raise ValueError(f"preset must be one of {list(PRESETS)} or an existing model folder, got {name!r}")
     animal = folder / SUBDIRS[-1]
     return AnnotatorRefs(*(str(folder / sub) for sub in REQUIRED_SUBDIRS),
                          animal_pose=str(animal) if (animal / "config.json").is_file() else None)

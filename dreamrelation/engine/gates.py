@@ -37,6 +37,7 @@ import torch
 from PIL import Image
 
 from ..model.layout import Box
+from ..model.preset_names import SMALL_PRESETS
 from .annotate import Detection
 from .annotate import box_iou as pairwise_iou
 from .pose import (
@@ -113,18 +114,18 @@ class GateConfig:
                 raise ValueError(f"{name} must be None or a number in [0, 1], got {v!r}")
 
 
-# The tiny preset's images are noise and its detector, features and scorers random: thresholds noise passes, so the
+# The tiny annotators (the tiny and the toy preset use them) are random: thresholds noise passes, so the
 # README's example makes triplets; every gate still runs and records what it measured.
 TINY_GATES = GateConfig(detection_threshold=0.0, max_instances=10_000, min_keypoint_confidence=0.0,
                         visibility_threshold=0.0, min_clip_r=0.0, min_layout_iou=None, max_subject_iou=None,
                         max_copy_paste_dino=100.0)
-TINY_GATES_NOTE = "gates calibrated for the tiny preset: images are noise"
+TINY_GATES_NOTE = "gates calibrated for the tiny annotators (random weights, used by the tiny and toy presets)"
 
 
 def default_gates(preset: str, metrics: bool = True) -> GateConfig:
-    """The gates a run uses unless told otherwise: :data:`TINY_GATES` for ``"tiny"``, :class:`GateConfig`'s
+    """The gates a run uses unless told otherwise: :data:`TINY_GATES` for ``"tiny"`` and ``"toy"``, :class:`GateConfig`'s
     defaults else; without metric models (``metrics=False``) the CLIP-R and copy-paste gates are off."""
-    gates = TINY_GATES if str(preset) == "tiny" else GateConfig()
+    gates = TINY_GATES if str(preset) in SMALL_PRESETS else GateConfig()
     return gates if metrics else replace(gates, min_clip_r=None, max_copy_paste_dino=None)
 
 
@@ -136,7 +137,7 @@ def gates_for(preset: str, **given: Any) -> tuple[GateConfig, str | None]:
         raise ValueError(f"unknown gate fields {unknown}; gates are {sorted(GateConfig.__dataclass_fields__)}")
     chosen = {k: v for k, v in given.items() if v is not None}
     gates = replace(default_gates(preset), **chosen)
-    if str(preset) != "tiny":
+    if str(preset) not in SMALL_PRESETS:
         return gates, None
     if not chosen:
         return gates, TINY_GATES_NOTE
@@ -380,7 +381,7 @@ class Annotator:
             detector=OwlDetector(refs.detector, device=device),
             masker=SamMasker(refs.masker, device=device),
             features=Dinov2Features(refs.features, device=device,
-                                    size=feature_size or (TINY_FEATURE_SIZE if str(preset) == "tiny" else 448)),
+                                    size=feature_size or (TINY_FEATURE_SIZE if str(preset) in SMALL_PRESETS else 448)),
             pose_factories=factories,
             captioner=Captioner(refs.captioner, device=device) if caption else None,
             scorer=scorer,

@@ -7,6 +7,8 @@
 * ``tiny``: every component at miniature width with random weights (``dreamrelation.model.tiny``), built once into a
   cache folder in the real formats and then loaded from there like any model folder. Its local tokens come from
   its own (random, undistilled) image encoder unless a local encoder is given.
+* ``toy``: the miniature model trained on the toy world, shipped in the package (``preset_names.TOY_MODEL_DIR``);
+  loaded from there like any model folder.
 * any folder laid out like ``build_tiny``'s output (a diffusers SDXL folder plus ``adapter/``), treated like
   ``tiny``; a ``local_encoder/`` subfolder in it (a ``train distill-encoder`` output) is its local encoder.
 """
@@ -26,6 +28,7 @@ from typing import Any
 import torch
 
 from .config import SDXL, AdapterConfig, EncoderConfig, ModelSpec
+from .preset_names import PRESETS, toy_model_dir
 from .local_encoder_ref import (  # check_local_tokens, local_encoder_ref: re-exported (torch-free home)
     check_local_tokens,
     is_hub_file,
@@ -36,7 +39,6 @@ from .local_encoder_ref import (  # check_local_tokens, local_encoder_ref: re-ex
 
 logger = logging.getLogger(__name__)
 
-PRESETS = ("tiny", "sdxl")
 LOCAL_ENCODER_DIR = "local_encoder"  # a model folder's own distilled local encoder (a train distill-encoder output)
 
 
@@ -73,11 +75,13 @@ def tiny_model_dir(seed: int = 0) -> Path:
 
 
 def resolve_spec(preset: str) -> ModelSpec:
-    """``tiny`` | ``sdxl`` | a model folder -> ModelSpec. Unknown names give an error listing the choices."""
+    """``tiny`` | ``toy`` | ``sdxl`` | a model folder -> ModelSpec. Unknown names give an error listing the choices."""
     if preset == "sdxl":
         return SDXL
     if preset == "tiny":
         folder = tiny_model_dir()
+    elif preset == "toy":
+        folder = toy_model_dir()
     else:
         folder = Path(preset)
         if not (folder / "model_index.json").is_file():

@@ -49,7 +49,8 @@ def build_tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
 
 
-def _text_config(tokenizer, with_projection: bool):
+def text_config(tokenizer):
+    """The tiny text encoders' config (width ``TEXT_WIDTH``, 2 layers) for ``tokenizer``'s vocabulary."""
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
@@ -90,8 +91,8 @@ def build_tiny_components(seed: int = TINY_SEED) -> dict:
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
         norm_num_groups=8, sample_size=128,
     )
-    text_encoder = CLIPTextModel(_text_config(tokenizer, False))
-    text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer, True))
+    text_encoder = CLIPTextModel(text_config(tokenizer))
+    text_encoder_2 = CLIPTextModelWithProjection(text_config(tokenizer))
     enc = TINY_ADAPTER.encoder
     image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
         hidden_size=VISION_WIDTH, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
