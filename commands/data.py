@@ -175,14 +175,20 @@ def data_toy_world(
     seed: Annotated[int, typer.Option(help="Seed of the draw: the same seed writes the same rows and images.")] = 0,
     relations: Annotated[Optional[str], typer.Option(
         help="Comma-separated toy relation ids to draw, round-robin (default: all; not for relationbench).")] = None,
+    lora_relations: Annotated[Optional[str], typer.Option(
+        help="Manifest only: comma-separated relations whose rows name their relation, so that `batch submit` "
+             "applies that relation's LoRA; 'none': no row does (the toy preset reads the relations it was trained "
+             "on from the prompt). Default: every row names its relation.")] = None,
 ) -> None:
     """Toy-world data: coloured, patterned shapes acting out geometric relations at 64 x 64, exactly judgeable on
     a CPU (dreamrelation.toy.oracle)."""
     from manifests.toy_data import write_toy_world
 
     wanted = None if relations is None else [r.strip() for r in relations.split(",") if r.strip()]
+    named = None if lora_relations is None else [
+        r.strip() for r in lora_relations.split(",") if r.strip() and r.strip().lower() != "none"]
     try:
-        uri = write_toy_world(output, kind, n, seed=seed, relations=wanted)
+        uri = write_toy_world(output, kind, n, seed=seed, relations=wanted, lora_relations=named)
     except (OSError, ValueError) as exc:
         fail(str(exc))
     what = {"relationbench": f"{n} single + {n} multi cases", "triplets": f"{n} triplets"}.get(kind, f"{n} rows")

@@ -84,7 +84,7 @@ def train_toy_cmd(
     scenes: Annotated[int, typer.Option(help="Rendered training scenes.")] = 6000,
     held_out: Annotated[str, typer.Option(help="The relation the model never sees (a relation LoRA learns it).")
                         ] = "on_top_of",
-    vae_steps: Annotated[int, typer.Option(help="Steps of the VAE (reconstruction).")] = 500,
+    vae_steps: Annotated[int, typer.Option(help="Steps of the VAE (reconstruction).")] = 2500,
     base_steps: Annotated[int, typer.Option(help="Steps of the text-to-image model (UNet + text encoders).")] = 3000,
     adapter_steps: Annotated[int, typer.Option(help="Steps of the image-prompt adapter + image encoder.")] = 1500,
     clip_steps: Annotated[int, typer.Option(help="Steps of the metric CLIP.")] = 800,
@@ -96,7 +96,8 @@ def train_toy_cmd(
 
     Stages: the VAE, the text-to-image model (every relation but --held-out), the adapter (subject images + boxes ->
     identity in place) and a CLIP for the metrics. Each stage checkpoints every --checkpoint-every steps; run the same
-    command again to resume (other settings than the checkpoints' are refused; only step counts may grow). Writes
+    command again to resume (other settings than the checkpoints' are refused: a stage's step count may grow, but
+    not those of the stages it is trained on). Writes
     OUTPUT/model (use it as `--preset OUTPUT/model`) and OUTPUT/card.json: data, steps, seeds, time, machine and
     the oracle's measurements of identity and relation accuracy.
     """

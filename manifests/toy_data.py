@@ -100,10 +100,11 @@ def _draws(n: int, relations: Sequence[str], seed: int, size: int) -> list[tuple
 
 
 def _generation_row(writer: _Writer, row_id: str, scene_seed: int, render: world.Render,
-                    metadata: dict[str, str]) -> GenerationRow:
+                    metadata: dict[str, str], named: bool = True) -> GenerationRow:
     reference = writer.write(f"references/{row_id}.png", render.image)
     return GenerationRow(
-        row_id=row_id, prompt=render.caption, relation=render.relation.id, relation_phrase=render.relation.phrase,
+        row_id=row_id, prompt=render.caption, relation=render.relation.id if named else None,
+        relation_phrase=render.relation.phrase,
         subjects=[{"image": writer.subject(i)[0], "phrase": i.phrase, "box": box.tolist()}
                   for i, box in zip(render.identities, render.boxes)],
         seed=scene_seed, width=writer.size, height=writer.size,
@@ -111,11 +112,17 @@ def _generation_row(writer: _Writer, row_id: str, scene_seed: int, render: world
 
 
 def write_toy_manifest(folder: str, n: int, seed: int = 0, relations: Iterable[str] | None = None,
-                       size: int = world.SIZE) -> str:
-    """``n`` generation rows ``toy-00000 ...`` to ``{folder}/manifest.parquet``; returns its URI."""
+                       size: int = world.SIZE, lora_relations: Iterable[str] | None = None) -> str:
+    """``n`` generation rows ``toy-00000 ...`` to ``{folder}/manifest.parquet``; returns its URI.
+
+    ``lora_relations``: the relations whose rows name their relation (so a batch job applies that relation's LoRA);
+    the other rows leave ``relation`` empty (the model reads the relation from the prompt, as the toy preset does
+    for the relations it was trained on). None: every row names its relation."""
     _check(n, "n", size)
+    named = None if lora_relations is None else {world.relation(r).id for r in lora_relations}
     writer = _Writer(folder, size)
-    rows = [_generation_row(writer, f"toy-{i:05d}", scene_seed, render, {})
+    rows = [_generation_row(writer, f"toy-{i:05d}", scene_seed, render, {},
+                            named is None or render.relation.id in named)
             for i, (scene_seed, render) in enumerate(_draws(n, toy_relations(relations), seed, size))]
     uri = storage.join(folder, MANIFEST_FILE)
     write_manifest(rows, uri)
@@ -178,17 +185,19 @@ def write_toy_triplets(folder: str, n: int, seed: int = 0, relations: Iterable[s
 
 
 def write_toy_world(output: str, kind: str, n: int, seed: int = 0, relations: Iterable[str] | None = None,
-                    size: int = world.SIZE) -> str:
+                    size: int = world.SIZE, lora_relations: Iterable[str] | None = None) -> str:
     """One of ``KINDS`` to the folder ``output`` (``relationbench``: ``n`` cases of each kind, single and multi,
     as the paper's 100 + 100; ``relations`` is for the other kinds). Returns the Parquet file's URI."""
     writers: dict[str, Callable[[], str]] = {
-        "manifest": lambda: write_toy_manifest(output, n, seed, relations, size),
+        "manifest": lambda: write_toy_manifest(output, n, seed, relations, size, lora_relations),
         "triplets": lambda: write_toy_triplets(output, n, seed, relations, size),
         "relationbench": lambda: write_toy_relationbench(output, n, n, seed, size),
     }
     if kind not in writers:
         raise ValueError(f"--kind must be one of {list(KINDS)}, got {kind!r}")
     _check(n, "--n", size, minimum=1)
+    if kind != "manifest" and lora_relations is not None:
+        raise ValueError(f"--lora-relations applies to --kind manifest only, got it with --kind {kind}")
     if kind == "relationbench" and relations is not None:
         raise ValueError("--relations does not apply to --kind relationbench (it uses every toy relation, "
                          f"single then multi), got {list(relations)!r}")

@@ -122,6 +122,12 @@ def test_train_toy_resumes_grows_steps_and_refuses_other_settings(trained):
     assert before["step"] == 2 and before["settings"]["base_batch"] == 4
     with pytest.raises(SettingsChanged, match=r"scenes=24 there, 30 now"):
         train_toy(trained, ToySettings(**{**QUICK, "scenes": 30}), measure_cases=0)
+    vae = (trained / CHECKPOINTS / "vae.pt").read_bytes()
+    with pytest.raises(SettingsChanged, match=r"base.pt was trained with other settings: vae_steps=2 there, 3 now"):
+        train_toy(trained, ToySettings(**{**QUICK, "vae_steps": 3}), measure_cases=0)  # base sits on that VAE
+    with pytest.raises(SettingsChanged, match=r"clip.pt is at step 2, beyond clip_steps=1"):
+        train_toy(trained, ToySettings(**{**QUICK, "clip_steps": 1}), measure_cases=0)
+    assert (trained / CHECKPOINTS / "vae.pt").read_bytes() == vae  # refused before anything trained
     result = train_toy(trained, ToySettings(**{**QUICK, "clip_steps": 3}), measure_cases=0)
     assert result.card["stages"]["clip"]["steps"] == 3
     assert torch.load(trained / CHECKPOINTS / "clip.pt", weights_only=False)["step"] == 3

@@ -299,10 +299,18 @@ def test_cli_toy_world(runner, tmp_path):
     assert sorted(p.name for p in (out / "images").iterdir()) == [f"toy-{i:05d}" for i in range(4)]
     result = invoke(runner, "data", "toy-world", tmp_path / "rb", "--kind", "relationbench", "--n", 2)
     assert result.exit_code == 0 and "2 single + 2 multi cases written to" in result.output
+    from manifests.io import read_manifest
+
+    for named, expected in (("on_top_of,inside", {"on_top_of", "inside", None}), ("none", {None})):
+        result = invoke(runner, "data", "toy-world", tmp_path / named, "--n", 9, "--lora-relations", named)
+        assert result.exit_code == 0, result.output
+        rows, _ = read_manifest(str(tmp_path / named / "manifest.parquet"))
+        assert {r.relation for r in rows} == expected and all(r.relation_phrase for r in rows)
     for args, message in [
         (["--kind", "images"], "error: --kind must be one of ['manifest', 'triplets', 'relationbench'], got 'images'"),
         (["--n", 0], "error: --n must be a whole number >= 1, got 0"),
         (["--relations", "inside,hovering"], "error: --relations: 'hovering' is not a toy relation id"),
+        (["--kind", "triplets", "--lora-relations", "none"], "error: --lora-relations applies to --kind manifest"),
     ]:
         result = invoke(runner, "data", "toy-world", tmp_path / "bad", *args)
         assert result.exit_code == 2 and message in result.output, result.output

@@ -44,6 +44,7 @@ CHECKPOINTS = "checkpoints"
 CARD = "card.json"
 MODEL = "model"
 STAGES = ("vae", "base", "adapter", "clip")
+UPSTREAM = {"vae": (), "base": ("vae",), "adapter": ("vae", "base"), "clip": ()}  # what each stage is trained on
 UNCONDITIONAL_PROMPTS = ("", SamplingConfig().negative_prompt)  # plus zeros: what the SDXL pipeline's CFG feeds
 Progress = Callable[[str, int, int, dict[str, float]], None]  # (stage, step, total, figures)
 
@@ -55,7 +56,7 @@ class ToySettings:
     seed: int = 0
     scenes: int = 6000  # rendered training scenes (relations other than held_out, drawn uniformly)
     held_out: str = "on_top_of"  # the relation the base model never sees (the paper in miniature's LoRA learns it)
-    vae_steps: int = 600
+    vae_steps: int = 2500
     vae_batch: int = 16
     vae_lr: float = 1e-3
     base_steps: int = 3000
@@ -83,8 +84,12 @@ class ToySettings:
         return getattr(self, f"{stage}_steps")
 
     def fixed(self, stage: str) -> dict[str, Any]:
-        """The settings a resumed ``stage`` must keep: the data's and its own, but not its step count."""
-        own = (f"{stage}_batch", f"{stage}_lr", *(("caption_dropout",) if stage == "base" else ()))
+        """The settings a resumed ``stage`` must keep: the data's, its own (not its step count) and everything of
+        the stages it builds on (a base model trained on another VAE's latents is not resumed on these)."""
+        upstream = UPSTREAM[stage]
+        own = (f"{stage}_batch", f"{stage}_lr", *(("caption_dropout",) if stage == "base" else ()),
+               *(f"{up}_{k}" for up in upstream for k in ("steps", "batch", "lr")),
+               *(("caption_dropout",) if "base" in upstream else ()))
         return {k: v for k, v in asdict(self).items() if k in ("seed", "scenes", "held_out", *own)}
 
 
@@ -237,17 +242,42 @@ def _atomic_save(obj: Any, path: Path) -> None:
 
 
 def _load_checkpoint(path: Path, settings: ToySettings) -> dict | None:
+    """The stage checkpoint at ``path`` (None: none yet), after checking that ``settings`` may resume it."""
     if not path.is_file():
         return None
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    problem = _resume_problem(path, ckpt, settings)
+    if problem:
+        raise SettingsChanged(problem)
+    return ckpt
+
+
+def _resume_problem(path: Path, ckpt: dict, settings: ToySettings) -> str | None:
     stage = path.stem
     changed = {k: (ckpt["settings"].get(k), v) for k, v in settings.fixed(stage).items()
                if ckpt["settings"].get(k) != v}
     if changed:
-        raise SettingsChanged(f"{path} was trained with other settings: " + "; ".join(
+        return (f"{path} was trained with other settings: " + "; ".join(
             f"{k}={old!r} there, {new!r} now" for k, (old, new) in sorted(changed.items()))
-            + "; pass the same settings or a new OUTPUT")
-    return ckpt
+            + "; pass the same settings, or a new OUTPUT")
+    if ckpt["step"] > settings.steps(stage):
+        return (f"{path} is at step {ckpt['step']}, beyond {stage}_steps={settings.steps(stage)}; pass at least "
+                f"{ckpt['step']}, or a new OUTPUT")
+    return None
+
+
+def check_resume(folder: Path, settings: ToySettings) -> None:
+    """Every stage checkpoint under ``folder`` may be resumed with ``settings``, checked before any stage trains
+    (growing the VAE's steps under a trained base model is refused at once, not after the VAE trained on)."""
+    problems = []
+    for stage in STAGES:
+        path = folder / f"{stage}.pt"
+        if path.is_file():
+            problem = _resume_problem(path, torch.load(path, map_location="cpu", weights_only=False), settings)
+            if problem:
+                problems.append(problem)
+    if problems:
+        raise SettingsChanged(" | ".join(problems))
 
 
 def _lr(step: int, total: int, peak: float, warmup: int = 50) -> float:
@@ -316,14 +346,16 @@ def _train_loop(stage: str, modules: dict[str, torch.nn.Module], loss_fn: Callab
 # --------------------------------------------------------------------------------------------------------- stages
 
 def train_vae(vae, images: np.ndarray, settings: ToySettings, folder: Path, progress: Progress | None) -> dict:
-    """Reconstruction (MSE + L1) with a small KL term; then ``scaling_factor`` = 1 / std of the latent means."""
+    """Reconstruction (MSE + L1, and L1 between the images' finite differences, which keeps the 2 px stripes and
+    dots of the patterns) with a small KL term; then ``scaling_factor`` = 1 / std of the latent means."""
     def loss_fn(rng: np.random.Generator) -> torch.Tensor:
         x = _to_pixels(images[rng.integers(0, len(images), settings.vae_batch)])
         post = vae.encode(x).latent_dist
         z = post.mean + post.std * torch.from_numpy(rng.standard_normal(post.mean.shape).astype(np.float32))
         rec = vae.decode(z).sample
         kl = post.kl().mean() / z[0].numel()
-        return F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + 1e-4 * kl
+        edges = (F.l1_loss(rec.diff(dim=-1), x.diff(dim=-1)) + F.l1_loss(rec.diff(dim=-2), x.diff(dim=-2)))
+        return F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + 0.5 * edges + 1e-4 * kl
 
     figures = _train_loop("vae", {"vae": vae}, loss_fn, settings, settings.vae_lr, folder, progress)
     with torch.no_grad():
@@ -583,6 +615,7 @@ def train_toy(output: str | Path, settings: ToySettings = ToySettings(), progres
     output = Path(output).resolve()
     folder = output / CHECKPOINTS
     folder.mkdir(parents=True, exist_ok=True)
+    check_resume(folder, settings)
     model = output / MODEL
     t0 = time.perf_counter()
     components = build_toy_components(settings.seed)
