@@ -234,6 +234,44 @@ def batch_status(output: Annotated[str, typer.Argument(help="Output root of a ru
     typer.echo(json.dumps(st, indent=2))
 
 
+@batch_app.command("judge")
+def batch_judge(
+    output: Annotated[str, typer.Argument(help="Output root of a run of a toy-world manifest.")],
+    manifest: Annotated[Optional[str], typer.Option(help="The rows' manifest (default: the one run.json names).")
+                        ] = None,
+) -> None:
+    """Judge a run of toy-world rows (`data toy-world --kind manifest`, made with `--preset toy`) with the toy
+    world's exact oracle: the share of images showing the row's subjects (shape, colour, pattern) and its relation.
+
+    Under the quality gate it also judges each slot's first attempt (what the run would have kept without the gate),
+    so the gate's effect is measured. Writes OUTPUT/oracle.parquet (one row per judged image, with the reasons).
+    """
+    from batch.toy_judge import judge_run
+
+    try:
+        result = judge_run(output, manifest)
+    except (ValueError, FileNotFoundError) as exc:  # ManifestError is a ValueError
+        fail(str(exc))
+
+    def line(name: str, r: dict) -> str:
+        return (f"{name}: {r['cases']} images; identity {_pct(r['identity'])}, relation {_pct(r['relation'])}, "
+                f"both {_pct(r['both'])}")
+
+    typer.echo(line("final images", result["final"]))
+    if result["first_attempt"] is not None:
+        typer.echo(line("first attempts (no gate)", result["first_attempt"]))
+    skipped = result["skipped"]
+    if any(skipped.values()):
+        typer.echo(f"not judged: {skipped['error_rows']} error rows, {skipped['not_toy_rows']} rows not from the toy "
+                   f"world")
+    typer.echo(f"per image: {result['file']}")
+
+
+def _pct(cell: dict) -> str:
+    low, high = cell["ci95"]
+    return f"{100 * cell['rate']:.1f}% [{100 * low:.1f}, {100 * high:.1f}]"
+
+
 @batch_app.command("report")
 def batch_report(output: Annotated[str, typer.Argument(help="Output root of a run.")]) -> None:
     """Write OUTPUT/report.html: every image with its prompt, relation, subjects and metrics (sortable)."""

@@ -108,7 +108,8 @@ def _generation_row(writer: _Writer, row_id: str, scene_seed: int, render: world
         subjects=[{"image": writer.subject(i)[0], "phrase": i.phrase, "box": box.tolist()}
                   for i, box in zip(render.identities, render.boxes)],
         seed=scene_seed, width=writer.size, height=writer.size,
-        metadata={"source": SOURCE, "scene_seed": str(scene_seed), "reference": reference, **metadata})
+        metadata={"source": SOURCE, "scene_seed": str(scene_seed), "reference": reference,
+                  "toy_relation": render.relation.id, **metadata})
 
 
 def write_toy_manifest(folder: str, n: int, seed: int = 0, relations: Iterable[str] | None = None,

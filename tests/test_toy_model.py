@@ -14,13 +14,13 @@ from conftest import invoke
 
 from dreamrelation.model import preset_names
 from dreamrelation.toy import world
+from dreamrelation.toy.oracle import wilson
 from dreamrelation.train.toy_model import (
     CHECKPOINTS,
     SettingsChanged,
     ToySettings,
     build_toy_tokenizer,
     train_toy,
-    wilson,
     world_words,
 )
 from dreamrelation.train.toy_paper import run_paper, toy_example

@@ -229,6 +229,7 @@ def test_manifest_rows_describe_their_renders(tmp_path):
     assert stored[0]["subjects"][0]["image"].startswith("subjects/")  # relative: the folder moves whole
     for row in rows:
         ids = [Identity.parse(s.phrase) for s in row.subjects]
+        assert row.metadata["toy_relation"] == row.relation  # kept when the relation column is left empty
         again = world.scene(row.relation, int(row.metadata["scene_seed"]))  # the row's scene, from its seed
         assert list(again.identities) == ids and row.prompt == again.caption and (row.width, row.height) == (64, 64)
         assert [s.box for s in row.subjects] == again.boxes.tolist()
@@ -306,6 +307,7 @@ def test_cli_toy_world(runner, tmp_path):
         assert result.exit_code == 0, result.output
         rows, _ = read_manifest(str(tmp_path / named / "manifest.parquet"))
         assert {r.relation for r in rows} == expected and all(r.relation_phrase for r in rows)
+        assert {r.metadata["toy_relation"] for r in rows} == {r.id for r in RELATIONS}
     for args, message in [
         (["--kind", "images"], "error: --kind must be one of ['manifest', 'triplets', 'relationbench'], got 'images'"),
         (["--n", 0], "error: --n must be a whole number >= 1, got 0"),
@@ -315,3 +317,35 @@ def test_cli_toy_world(runner, tmp_path):
         result = invoke(runner, "data", "toy-world", tmp_path / "bad", *args)
         assert result.exit_code == 2 and message in result.output, result.output
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.slow
+def test_batch_judge_reads_a_runs_images_with_the_oracle(runner, tmp_path, tiny_dir):
+    """`batch judge` on results of toy rows: the tiny preset's noise fails the oracle; the same results with each
+    image replaced by its row's reference render pass it, and every judged image is in oracle.parquet."""
+    import shutil
+
+    from batch.worker import Worker, WorkerConfig
+    from manifests.io import read_manifest, read_table
+    from manifests.toy_data import write_toy_manifest
+
+    folder = tmp_path / "toy"
+    uri = write_toy_manifest(str(folder), 4, seed=3, lora_relations=[])
+    rows, _ = read_manifest(uri)
+    out = tmp_path / "out"
+    worker = Worker(WorkerConfig(output=str(out), preset="tiny", device="cpu", metrics=False))
+    results = worker.process_and_write([r.model_dump() for r in rows])
+    assert [r.status for r in results] == ["ok"] * 4
+    result = invoke(runner, "batch", "judge", out)
+    assert result.exit_code == 2 and "no run.json naming its manifest" in result.output and "--manifest" in result.output
+    result = invoke(runner, "batch", "judge", out, "--manifest", uri)
+    assert result.exit_code == 0, result.output
+    assert "final images: 4 images; identity 0.0% [0.0, 49.0], relation" in result.output
+    for row, res in zip(rows, results):
+        shutil.copy(folder / row.metadata["reference"], out / res.images[0])
+    result = invoke(runner, "batch", "judge", out, "--manifest", uri)
+    assert "final images: 4 images; identity 100.0% [51.0, 100.0], relation 100.0% [51.0, 100.0], both 100.0%" \
+        in result.output, result.output
+    table = read_table(str(out / "oracle.parquet")).to_pylist()
+    assert sorted(r["row_id"] for r in table) == [r.row_id for r in rows] and all(r["ok"] for r in table)
+    assert {r["relation"] for r in table} == {r.metadata["toy_relation"] for r in rows}

@@ -28,9 +28,11 @@ JPEG), including how often it wrongly says yes to another relation or another id
 from __future__ import annotations
 
 import io
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -290,6 +292,25 @@ def judge(image: Image.Image | np.ndarray, identities: Sequence[Identity | str],
 
 
 # ----------------------------------------------------------------------------------------------------- measuring
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% Wilson score interval of a proportion ``k / n`` ((0, 1) when ``n`` is 0)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def rates(verdicts: Sequence[Verdict]) -> dict[str, Any]:
+    """The share of ``verdicts`` with every identity right, with the relation holding, and both (each with its
+    95% Wilson interval), and their number."""
+    n = len(verdicts)
+    counts = dict(identity=sum(all(v.identity) for v in verdicts), relation=sum(v.relation for v in verdicts),
+                  both=sum(v.ok for v in verdicts))
+    return dict(cases=n, **{k: dict(rate=round(c / n, 4) if n else None, ci95=[round(x, 4) for x in wilson(c, n)])
+                            for k, c in counts.items()})
 
 PERTURBATIONS = ("noise", "shift", "jpeg")
 

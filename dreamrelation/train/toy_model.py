@@ -568,21 +568,7 @@ def measure(pipe, relations: list[str], cases: int, seed: int, adapter: bool, st
                 images = pipe.text_to_image([s.caption for s in chunk], seeds, height=TOY_SIZE, width=TOY_SIZE,
                                             steps=steps, guidance=guidance)
             verdicts += [oracle.judge(im, s.identities, s.layout.relation) for im, s in zip(images, chunk)]
-    n = len(verdicts)
-    counts = dict(identity=sum(all(v.identity) for v in verdicts), relation=sum(v.relation for v in verdicts),
-                  both=sum(v.ok for v in verdicts))
-    return dict(cases=n, relations=relations, adapter=adapter, steps=steps, guidance=guidance,
-                **{k: dict(rate=round(c / n, 4), ci95=[round(x, 4) for x in wilson(c, n)]) for k, c in counts.items()})
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """The 95% Wilson score interval of a proportion ``k / n``."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    return dict(oracle.rates(verdicts), relations=relations, adapter=adapter, steps=steps, guidance=guidance)
 
 
 # ----------------------------------------------------------------------------------------------------------- main
