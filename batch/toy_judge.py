@@ -24,7 +24,8 @@ from manifests.run_record import read_run_json
 
 ORACLE_FILE = "oracle.parquet"
 SCHEMA = pa.schema([("row_id", pa.string()), ("k", pa.int32()), ("attempt", pa.int32()), ("final", pa.bool_()),
-                    ("relation", pa.string()), ("identity_ok", pa.bool_()), ("relation_ok", pa.bool_()),
+                    ("relation", pa.string()), ("identity_ok", pa.bool_()), ("shape_colour_ok", pa.bool_()),
+                    ("relation_ok", pa.bool_()),
                     ("ok", pa.bool_()), ("reasons", pa.string()), ("image", pa.string())])
 RELATION_IDS = {r.id for r in world.RELATIONS}
 
@@ -74,7 +75,8 @@ def judge_run(output: str, manifest: str | None = None) -> dict[str, Any]:
                 v = oracle.judge(_open(image), identities, relation)
                 (final if is_final else first).append(v)
                 judged.append(dict(row_id=rec["row_id"], k=k, attempt=attempt, final=is_final, relation=relation,
-                                   identity_ok=all(v.identity), relation_ok=v.relation, ok=v.ok,
+                                   identity_ok=all(v.identity), shape_colour_ok=all(v.shape_colour),
+                                   relation_ok=v.relation, ok=v.ok,
                                    reasons="; ".join(v.reasons), image=image))
     if not final:
         raise ValueError(f"{output}: no toy-world row with images to judge (error rows: {skipped['error_rows']}, "

@@ -255,7 +255,7 @@ def batch_judge(
 
     def line(name: str, r: dict) -> str:
         return (f"{name}: {r['cases']} images; identity {_pct(r['identity'])}, relation {_pct(r['relation'])}, "
-                f"both {_pct(r['both'])}")
+                f"both {_pct(r['both'])}; shape + colour {_pct(r['shape_colour'])}")
 
     typer.echo(line("final images", result["final"]))
     if result["first_attempt"] is not None:

@@ -137,8 +137,8 @@ def train_toy_cmd(
     typer.echo(f"toy model written to {result.model} ({card['size_bytes'] / 1e6:.1f} MB, "
                f"{card['seconds'] / 60:.1f} min of training); card: {output / 'card.json'}")
     for name, m in (card.get("oracle") or {}).items():
-        typer.echo(f"  {name}: identity {m['identity']['rate']:.0%}, relation {m['relation']['rate']:.0%}, "
-                   f"both {m['both']['rate']:.0%} of {m['cases']} (oracle)")
+        typer.echo(f"  {name}: identity {m['identity']['rate']:.0%} (shape + colour {m['shape_colour']['rate']:.0%}), "
+                   f"relation {m['relation']['rate']:.0%}, both {m['both']['rate']:.0%} of {m['cases']} (oracle)")
 
 
 def generate(

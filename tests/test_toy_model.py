@@ -149,4 +149,5 @@ def test_the_paper_in_miniature_writes_its_table(trained, tmp_path):
     assert (tmp_path / "loras" / "lora_kml_no_local" / "pytorch_lora_weights.safetensors").is_file()
     table = (tmp_path / "paper_in_miniature.md").read_text()
     assert "| base | - | - |" in table and "| lora_kml_no_local | yes | no |" in table
+    assert "| identity accuracy | shape + colour | relation accuracy | both |" in table
     assert json.loads((tmp_path / "paper_in_miniature.json").read_text()) == report

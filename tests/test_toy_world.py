@@ -188,6 +188,10 @@ def test_oracle_says_no_to_wrong_relations_and_identities():
         v = oracle.verdict(reading, [changed, BLUE_SQUARE], "inside")
         assert v.found == (True, True) and v.identity == (False, True) and v.relation and not v.ok
         assert f"asked for a {changed.phrase}, found a red striped circle" in v.reasons
+        assert v.shape_colour == ((changed.shape == "circle"), True)  # the pattern aside
+    rated = oracle.rates([oracle.verdict(reading, [Identity("circle", "red", "solid"), BLUE_SQUARE], "inside")] * 3)
+    assert rated["cases"] == 3 and rated["identity"]["rate"] == 0.0 and rated["shape_colour"]["rate"] == 1.0
+    assert rated["relation"]["ci95"] == [round(x, 4) for x in oracle.wilson(3, 3)]
     blank = Image.new("RGB", (64, 64), world.BACKGROUND)
     assert oracle.read(blank).subjects == {}
     assert not oracle.judge(blank, [RED_CIRCLE], "on_the_ground").ok

@@ -249,6 +249,7 @@ class Verdict:
     identity: tuple[bool, ...]
     relation: bool
     reasons: tuple[str, ...]
+    shape_colour: tuple[bool, ...] = ()  # per asked subject: found with the right shape (any pattern)
 
     @property
     def ok(self) -> bool:
@@ -283,6 +284,7 @@ def verdict(reading: Reading, identities: Sequence[Identity | str], relation: st
         reasons.append(f"{rel.id!r} does not hold")
     return Verdict(found=tuple(f is not None for f in found),
                    identity=tuple(f is not None and f.identity == i for f, i in zip(found, ids)),
+                   shape_colour=tuple(f is not None and f.identity.shape == i.shape for f, i in zip(found, ids)),
                    relation=holds, reasons=tuple(reasons))
 
 
@@ -305,10 +307,11 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 def rates(verdicts: Sequence[Verdict]) -> dict[str, Any]:
     """The share of ``verdicts`` with every identity right, with the relation holding, and both (each with its
-    95% Wilson interval), and their number."""
+    95% Wilson interval), and their number; ``shape_colour``: every subject found (by its colour) with the right
+    shape, its pattern aside."""
     n = len(verdicts)
     counts = dict(identity=sum(all(v.identity) for v in verdicts), relation=sum(v.relation for v in verdicts),
-                  both=sum(v.ok for v in verdicts))
+                  both=sum(v.ok for v in verdicts), shape_colour=sum(all(v.shape_colour) for v in verdicts))
     return dict(cases=n, **{k: dict(rate=round(c / n, 4) if n else None, ci95=[round(x, 4) for x in wilson(c, n)])
                             for k, c in counts.items()})
 

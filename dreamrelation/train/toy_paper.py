@@ -4,7 +4,8 @@ The toy preset (``dreamrelation.train.toy_model``) never saw one relation (its c
 LoRAs learn it from a handful of triplets (the paper's setting: a few exemplar images per relation) through the
 real fine-tuning path (``train_relation_lora``), with and without KML and local tokens, and every configuration
 generates the same held-out cases: the oracle says whether each image shows the asked identities (identity
-accuracy) and whether the relation holds among them (relation accuracy). Rates come with 95% Wilson intervals.
+accuracy; "shape + colour" leaves the pattern aside) and whether the relation holds among them (relation accuracy).
+Rates come with 95% Wilson intervals.
 """
 
 from __future__ import annotations
@@ -137,12 +138,12 @@ def table(report: dict[str, Any]) -> str:
              f"held-out cases per configuration, {s['sampling_steps']} sampling steps, guidance {s['guidance']}. "
              "Judged by the toy world's oracle; [95% Wilson interval].",
              "",
-             "| configuration | KML | local tokens | identity accuracy | relation accuracy | both |",
-             "|---|---|---|---|---|---|"]
+             "| configuration | KML | local tokens | identity accuracy | shape + colour | relation accuracy | both |",
+             "|---|---|---|---|---|---|---|"]
     for name, r in report["results"].items():
         kml = "-" if r["profile"] is None else ("no" if r["profile"] == "no-kml" else "yes")
         local = "-" if r["local_tokens"] is None else ("yes" if r["local_tokens"] else "no")
         cells = [f"{100 * r[k]['rate']:.1f}% [{100 * r[k]['ci95'][0]:.1f}, {100 * r[k]['ci95'][1]:.1f}]"
-                 for k in ("identity", "relation", "both")]
+                 for k in ("identity", "shape_colour", "relation", "both")]
         lines.append(f"| {name} | {kml} | {local} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
