@@ -85,9 +85,9 @@ def train_toy_cmd(
     held_out: Annotated[str, typer.Option(help="The relation the model never sees (a relation LoRA learns it).")
                         ] = "on_top_of",
     vae_steps: Annotated[int, typer.Option(help="Steps of the VAE (reconstruction).")] = 2500,
-    base_steps: Annotated[int, typer.Option(help="Steps of the text-to-image model (UNet + text encoders).")] = 3000,
-    adapter_steps: Annotated[int, typer.Option(help="Steps of the image-prompt adapter + image encoder.")] = 1500,
-    clip_steps: Annotated[int, typer.Option(help="Steps of the metric CLIP.")] = 800,
+    base_steps: Annotated[int, typer.Option(help="Steps of the text-to-image model (UNet + text encoders).")] = 2000,
+    adapter_steps: Annotated[int, typer.Option(help="Steps of the image-prompt adapter + image encoder.")] = 1000,
+    clip_steps: Annotated[int, typer.Option(help="Steps of the metric CLIP.")] = 400,
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints (a rerun resumes there).")] = 100,
     eval_cases: Annotated[int, typer.Option(help="Oracle-judged images per measurement in the card (0: none).")
                           ] = 64,
@@ -175,10 +175,12 @@ def generate(
         help="Weight gamma of the subject-image branch (paper eq. 4); 0 ignores the subject images.")
     ] = DEFAULTS.scale,
     width: Annotated[Optional[int], typer.Option(
-        help="Image width, a multiple of 8 (default: the model's native size, 1024 for sdxl, 128 for tiny).")
+        help="Image width, a multiple of 8 (default: the model's native size, 1024 for sdxl, 128 for tiny, "
+             "64 for toy).")
     ] = None,
     height: Annotated[Optional[int], typer.Option(
-        help="Image height, a multiple of 8 (default: the model's native size, 1024 for sdxl, 128 for tiny).")
+        help="Image height, a multiple of 8 (default: the model's native size, 1024 for sdxl, 128 for tiny, "
+             "64 for toy).")
     ] = None,
     negative_prompt: Annotated[Optional[str], typer.Option(
         help=f"Negative prompt (default: the paper's, {DEFAULTS.negative_prompt!r}).")] = None,

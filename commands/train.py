@@ -28,7 +28,8 @@ def train_relations(
                                               "without KML). The options below override single knobs.")] = "paper",
     steps: Annotated[int, typer.Option(help="Optimizer steps per relation.")] = 500,
     batch_size: Annotated[int, typer.Option(help="Examples per step (by gradient accumulation).")] = 8,
-    resolution: Annotated[Optional[int], typer.Option(help="Training resolution (default 1024; 64 for tiny and toy).")] = None,
+    resolution: Annotated[Optional[int], typer.Option(
+        help="Training resolution (default 1024; 64 for tiny and toy).")] = None,
     checkpoint_every: Annotated[int, typer.Option(help="Checkpoint every K steps (a failed trial resumes "
                                                        "there).")] = 100,
     workers_per_relation: Annotated[int, typer.Option(help="> 1: data-parallel (DDP) training of each relation on "

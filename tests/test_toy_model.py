@@ -151,3 +151,14 @@ def test_the_paper_in_miniature_writes_its_table(trained, tmp_path):
     assert "| base | - | - |" in table and "| lora_kml_no_local | yes | no |" in table
     assert "| identity accuracy | shape + colour | relation accuracy | both |" in table
     assert json.loads((tmp_path / "paper_in_miniature.json").read_text()) == report
+
+
+def test_the_command_defaults_are_the_settings_defaults():
+    import inspect
+    from dataclasses import asdict
+
+    from commands.generate import train_toy_cmd
+
+    params = inspect.signature(train_toy_cmd).parameters
+    shared = {k: v for k, v in asdict(ToySettings()).items() if k in params}
+    assert len(shared) >= 8 and all(params[k].default == v for k, v in shared.items()), shared

@@ -59,14 +59,14 @@ class ToySettings:
     vae_steps: int = 2500
     vae_batch: int = 16
     vae_lr: float = 1e-3
-    base_steps: int = 3000
+    base_steps: int = 2000
     base_batch: int = 32
     base_lr: float = 1e-3
     caption_dropout: float = 0.1
-    adapter_steps: int = 1500
+    adapter_steps: int = 1000
     adapter_batch: int = 16
     adapter_lr: float = 5e-4
-    clip_steps: int = 800
+    clip_steps: int = 400
     clip_batch: int = 64
     clip_lr: float = 1e-3
     checkpoint_every: int = 100
