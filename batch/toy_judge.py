@@ -38,8 +38,9 @@ def _open(uri: str) -> Image.Image:
 def judge_run(output: str, manifest: str | None = None) -> dict[str, Any]:
     """Judge every final image of the run at ``output`` (and, under the gate, every slot's first attempt) against
     its manifest row (``manifest``, default: the one its run.json names); returns ``{"final": rates,
-    "first_attempt": rates | None, "skipped": {...}}`` (rates as ``oracle.rates``) and writes ``{output}/oracle.parquet``. ``ValueError`` when the run has no manifest on record or
-    none of its rows is a toy-world row."""
+    "first_attempt": rates | None, "skipped": {...}}`` (rates as ``oracle.rates``) and writes
+    ``{output}/oracle.parquet``. ``ValueError`` when the run has no manifest on record or none of its rows is a
+    toy-world row."""
     output = storage.absolute(output).rstrip("/")
     manifest = manifest or (read_run_json(output).get("settings") or {}).get("manifest")
     if not manifest:
