@@ -115,8 +115,8 @@ def eval_toy_paper(
                                              "OUTPUT/model folder (its card.json names the held-out relation).")
                       ] = "toy",
     triplets: Annotated[int, typer.Option(help="Training triplets of the held-out relation.")] = 5,
-    steps: Annotated[int, typer.Option(help="LoRA steps.")] = 300,
-    batch_size: Annotated[int, typer.Option(help="Examples per LoRA step (gradient accumulation).")] = 8,
+    steps: Annotated[int, typer.Option(help="LoRA steps.")] = 200,
+    batch_size: Annotated[int, typer.Option(help="Examples per LoRA step (gradient accumulation).")] = 4,
     lr: Annotated[float, typer.Option(help="LoRA learning rate.")] = 5e-4,
     kml_weight: Annotated[Optional[float], typer.Option(help="KML weight of the KML configurations (default: the "
                                                               "paper profile's 1e-3).")] = None,

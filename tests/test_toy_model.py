@@ -162,3 +162,17 @@ def test_the_command_defaults_are_the_settings_defaults():
     params = inspect.signature(train_toy_cmd).parameters
     shared = {k: v for k, v in asdict(ToySettings()).items() if k in params}
     assert len(shared) >= 8 and all(params[k].default == v for k, v in shared.items()), shared
+
+
+def test_the_paper_command_defaults_are_the_settings_defaults():
+    import inspect
+    from dataclasses import asdict
+
+    from commands.eval import eval_toy_paper
+    from dreamrelation.train.toy_paper import PaperSettings
+
+    params = inspect.signature(eval_toy_paper).parameters
+    defaults = asdict(PaperSettings())
+    defaults["lr"] = defaults.pop("learning_rate")
+    shared = {k: v for k, v in defaults.items() if k in params}
+    assert len(shared) >= 6 and all(params[k].default == v for k, v in shared.items()), shared

@@ -21,8 +21,8 @@ from dreamrelation.toy import world
 
 ROOT = Path(__file__).resolve().parents[1]
 # oracle floors for 32 seen-relation cases through the adapter (subject images + boxes), seed 11
-FLOOR_SHAPE_COLOUR = 0.0
-FLOOR_RELATION = 0.0
+FLOOR_SHAPE_COLOUR = 0.12  # measured: 0.25 (8 of 32); the base model on the held-out relation: 0.03
+FLOOR_RELATION = 0.12  # measured: 0.22 (7 of 32)
 
 pytestmark = pytest.mark.skipif(not (TOY_MODEL_DIR / "model_index.json").is_file(),
                                 reason=f"no toy preset weights in {TOY_MODEL_DIR}")

@@ -40,8 +40,8 @@ JSON_FILE = "paper_in_miniature.json"
 @dataclass(frozen=True)
 class PaperSettings:
     triplets: int = 5  # training triplets of the held-out relation
-    steps: int = 300
-    batch_size: int = 8
+    steps: int = 200
+    batch_size: int = 4
     learning_rate: float = 5e-4
     rank: int = 4
     kml_weight: float | None = None  # None: the profile's (paper: 1e-3)
