@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
