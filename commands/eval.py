@@ -131,7 +131,7 @@ def eval_toy_paper(
     tokens, against the model without a LoRA; the toy world's oracle judges identity and relation accuracy.
 
     Writes OUTPUT/paper_in_miniature.md (the table, 95% Wilson intervals) and .json, and prints the table. About
-    10 minutes on 2 CPU cores at the defaults.
+    11 minutes on 2 CPU cores at the defaults.
     """
     from dreamrelation.train.toy_paper import CONFIGS, PaperSettings, run_paper
 
