@@ -92,7 +92,7 @@ def train_toy_cmd(
     eval_cases: Annotated[int, typer.Option(help="Oracle-judged images per measurement in the card (0: none).")
                           ] = 64,
 ) -> None:
-    """Train the toy preset on the toy world, on this machine (CPU is fine: ~1 h on 2 cores at the defaults).
+    """Train the toy preset on the toy world, on this machine (CPU is fine: 75 minutes on 2 cores at the defaults).
 
     Stages: the VAE, the text-to-image model (every relation but --held-out), the adapter (subject images + boxes ->
     identity in place) and a CLIP for the metrics. Each stage checkpoints every --checkpoint-every steps; run the same

@@ -176,3 +176,20 @@ def test_the_paper_command_defaults_are_the_settings_defaults():
     defaults["lr"] = defaults.pop("learning_rate")
     shared = {k: v for k, v in defaults.items() if k in params}
     assert len(shared) >= 6 and all(params[k].default == v for k, v in shared.items()), shared
+
+
+@pytest.mark.slow
+def test_the_readme_train_toy_line(runner, tmp_path, monkeypatch):
+    """The README's `models train-toy` line from a fresh folder (its relative OUTPUT), with a few steps per stage
+    appended (the line as written trains for 75 minutes): the model folder and the card land under OUTPUT."""
+    from test_evaluate import readme_command
+
+    args = readme_command("models train-toy")
+    monkeypatch.chdir(tmp_path)
+    quick = [f"--{k.replace('_', '-')}={v}" for k, v in QUICK.items() if "batch" not in k]
+    result = invoke(runner, *args, *quick, "--eval-cases", 2)
+    assert result.exit_code == 0, result.output
+    out = tmp_path / args[2]
+    assert f"toy model written to {out / 'model'}" in result.output
+    assert "base_seen: identity " in result.output and "of 2 (oracle)" in result.output
+    assert json.loads((out / "card.json").read_text())["oracle"]["adapter_held_out"]["cases"] == 2

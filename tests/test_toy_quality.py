@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import invoke
 from test_evaluate import readme_command
 
 from dreamrelation.model.preset_names import TOY_MODEL_DIR
@@ -89,3 +90,16 @@ def test_every_toy_example_row_is_a_seen_relation():
     assert not rejected and len(rows) == 16
     assert all(r.relation is None and r.metadata["toy_relation"] in card["data"]["relations"] for r in rows)
     assert all(world.Identity.parse(s.phrase) for r in rows for s in r.subjects)
+
+
+@pytest.mark.slow
+def test_the_readme_toy_paper_line(runner, tmp_path, monkeypatch):
+    """The README's `eval toy-paper` line from a fresh folder, shortened (1 LoRA step, 2 cases, 2 configurations;
+    as written it runs 11 minutes): the table lands where the README says."""
+    args = readme_command("eval toy-paper")
+    monkeypatch.chdir(tmp_path)
+    result = invoke(runner, *args, "--steps", 1, "--batch-size", 1, "--cases", 2, "--configs", "base,lora_kml")
+    assert result.exit_code == 0, result.output
+    table = (tmp_path / args[2] / "paper_in_miniature.md").read_text()
+    assert "held-out relation `on_top_of` on preset `toy`" in table and "| lora_kml | yes | yes |" in table
+    assert table in result.output
