@@ -28,6 +28,7 @@ def preset_banner(preset: str | None, what: str) -> str:
                 "its DINO scores from a random DINO; what its oracle measured is in the preset's card.json.</p>")
     return ""
 
+
 def load_run(output: str, limit: int | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(run.json or {}, the ledger: the final result of each row (the first ``limit`` by row id), image URIs
     resolved under ``output``)."""
