@@ -173,17 +173,9 @@ def metric_model_refs(model_dir_or_name: str | Path) -> tuple[str, str]:
     ``"tiny"`` resolves to the tiny preset's folder (built with its metric models on first use), ``"toy"`` to the
     toy preset's (its CLIP trained on the toy world).
     """
-    name = str(model_dir_or_name)
-    if name == "tiny":
-        from .model.presets import tiny_model_dir
+    from .model.presets import miniature_folder
 
-        folder = tiny_model_dir()
-    elif name == "toy":
-        from .model.preset_names import toy_model_dir
-
-        folder = toy_model_dir()
-    else:
-        folder = Path(model_dir_or_name)
+    folder = miniature_folder(model_dir_or_name) or Path(model_dir_or_name)
     metrics = folder / METRICS_SUBDIR
     if (metrics / "clip").is_dir() and (metrics / "dino").is_dir():
         return str(metrics / "clip"), str(metrics / "dino")

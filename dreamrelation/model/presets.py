@@ -74,15 +74,17 @@ def tiny_model_dir(seed: int = 0) -> Path:
                       lambda folder: (folder / "adapter" / "ms_adapter.safetensors").is_file())
 
 
+def miniature_folder(preset: str | Path) -> Path | None:
+    """The folder of a built-in miniature preset (``tiny``: built on first use; ``toy``: shipped), else None."""
+    return {"tiny": tiny_model_dir, "toy": toy_model_dir}.get(str(preset), lambda: None)()
+
+
 def resolve_spec(preset: str) -> ModelSpec:
     """``tiny`` | ``toy`` | ``sdxl`` | a model folder -> ModelSpec. Unknown names give an error listing the choices."""
     if preset == "sdxl":
         return SDXL
-    if preset == "tiny":
-        folder = tiny_model_dir()
-    elif preset == "toy":
-        folder = toy_model_dir()
-    else:
+    folder = miniature_folder(preset)
+    if folder is None:
         folder = Path(preset)
         if not (folder / "model_index.json").is_file():
             raise ValueError(f"preset must be one of {list(PRESETS)} or a model folder holding model_index.json, "
