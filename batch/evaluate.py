@@ -9,11 +9,16 @@ A configuration is a named switch of the generation stack (``--config`` of ``dre
   one LoRA folder / ``.safetensors`` file (its relation from its ``card.json``, else its folder / file name);
   ``NAME=URI:no-local-tokens`` turns local tokens off as well.
 
-The cases are built once (``{out}/cases.parquet``) and every configuration runs them through
+The cases are built once (``{out}/cases.parquet``) from the 25 templates and a folder of subject images, or read
+from a cases manifest (``--cases``: e.g. the toy world's RelationBench-style cases, ``dreamrelation data toy-world
+--kind relationbench``), and every configuration runs them through
 :func:`batch.job.submit` into ``{out}/runs/{name}``, so a rerun resumes each configuration where it stopped. The
 aggregation is plain Python over the result rows: per configuration and case kind (single | multi) the mean of each
 metric over images, the number of images and a percentile bootstrap confidence interval (error rows excluded and
-counted). :mod:`batch.eval_report` renders the tables, plots and gallery.
+counted). Toy-world cases add the toy world's oracle (:mod:`batch.toy_oracle`) on each image: ``oracle_identity``
+(every subject's shape, colour and pattern right) and ``oracle_relation`` (the asked relation holds), 100 or 0 per
+image, so that their means are accuracies in percent with the same bootstrap intervals. :mod:`batch.eval_report`
+renders the tables, plots and gallery.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -37,15 +42,24 @@ from manifests.relationbench import (
     KINDS,
     build_cases,
     case_kind,
+    read_cases,
+    relation_sort_key,
     subjects_from_dir,
-    template,
 )
 from manifests.run_record import RunFormatError, differences, read_run
 from manifests.schema import GenerationRow, check_key
 
+if TYPE_CHECKING:
+    from .toy_oracle import Question
+
 logger = logging.getLogger(__name__)
 
 METRICS = ("clip_t", "clip_r", "clip_i", "dino")  # the columns of the paper's Tables 2 and 3, in order
+ORACLE_METRICS = ("oracle_identity", "oracle_relation")  # toy-world cases only: the oracle per image, 100 or 0
+ALL_METRICS = METRICS + ORACLE_METRICS
+DEFAULT_SIZE = 1024  # the templates' image width and height unless --size
+RELATIONBENCH = "RelationBench"
+TOY_BENCHMARK = "toy-world cases (oracle-judged)"
 BASE, LORA, NO_LOCAL_TOKENS = "base", "lora", "no-local-tokens"
 SWITCHES = (BASE, LORA, NO_LOCAL_TOKENS)
 CASES_FILE = "cases.parquet"
@@ -97,22 +111,25 @@ def parse_configurations(specs: Sequence[str], loras: str | None) -> list[Config
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """``dreamrelation eval relationbench`` options."""
+    """``dreamrelation eval relationbench`` options: the cases come from exactly one of ``subjects_dir`` (the 25
+    templates drawn over its subject images: ``n_single``, ``n_multi``, ``seed``) or ``cases`` (a cases manifest
+    as is; ``n_single``, ``n_multi`` and ``seed`` unused). ``steps`` and ``num_images`` go to every case; ``width``
+    and ``height`` too when given, else ``DEFAULT_SIZE`` for the templates and each case's own for ``cases``."""
 
-    subjects_dir: str
+    subjects_dir: str | None = None
     output: str = "outputs/relationbench"
     configs: tuple[str, ...] = (BASE, LORA)
     loras: str | None = None
     n_single: int = 100
     n_multi: int = 100
     seed: int = 0  # the case draw
-    relations: tuple[str, ...] | None = None  # keep only these templates
+    relations: tuple[str, ...] | None = None  # keep only these templates (cases: rows of these relations)
     preset: str = "tiny"
     local_encoder: str | None = None  # the distilled local image encoder (None: the preset's)
     local_grid: int | None = None  # local tokens per subject, n x n (None: the preset's); must match the LoRAs
     steps: int = 30
-    width: int = 1024
-    height: int = 1024
+    width: int | None = None  # None: DEFAULT_SIZE for the templates, each case's own for --cases
+    height: int | None = None
     num_images: int = 1
     allow_missing: bool = False  # rows whose relation has no LoRA run without one (recorded) instead of failing
     allow_external_loras: bool = False  # registry.json entries may name files outside their registry
@@ -126,10 +143,15 @@ class EvalConfig:
     resume: bool = True
     resamples: int = 1000
     confidence: float = 0.95
+    cases: str | None = None  # a cases manifest (path or URL) instead of subjects_dir
 
-    def __post_init__(self) -> None:  # user paths mean the same in every process and in every file written
-        for name in ("subjects_dir", "output", "loras", "local_encoder"):
-            if getattr(self, name) is not None:
+    def __post_init__(self) -> None:
+        if (self.subjects_dir is None) == (self.cases is None):
+            raise ValueError(f"give exactly one of SUBJECTS_DIR and --cases, got "
+                             f"{'both' if self.cases else 'neither'} (SUBJECTS_DIR {self.subjects_dir!r}, "
+                             f"--cases {self.cases!r})")
+        for name in ("subjects_dir", "cases", "output", "loras", "local_encoder"):  # user paths mean the same in
+            if getattr(self, name) is not None:  # every process and in every file written
                 object.__setattr__(self, name, storage.absolute(getattr(self, name)))
 
 
@@ -172,14 +194,7 @@ def plan(config: EvalConfig) -> tuple[list[GenerationRow], list[PlannedRun]]:
     """The cases and one run per configuration; raises ``ValueError`` before anything runs when a configuration
     lacks a relation LoRA the cases need (unless ``allow_missing``)."""
     configs = parse_configurations(config.configs, config.loras)
-    subjects = subjects_from_dir(config.subjects_dir)
-    if not subjects:
-        raise ValueError(f"SUBJECTS_DIR {config.subjects_dir!r} holds no subject images (.png, .jpg, .jpeg, .webp)")
-    cases = build_cases(subjects, n_single=config.n_single, n_multi=config.n_multi, seed=config.seed,
-                        width=config.width, height=config.height, steps=config.steps,
-                        num_images=config.num_images, relations=config.relations)
-    if not cases:
-        raise ValueError("--n-single and --n-multi are both 0: no case to evaluate")
+    cases = build(config)
     needed = Counter(r.relation for r in cases)
     runs = []
     for conf in configs:
@@ -214,6 +229,33 @@ def plan(config: EvalConfig) -> tuple[list[GenerationRow], list[PlannedRun]]:
     return cases, runs
 
 
+def build(config: EvalConfig) -> list[GenerationRow]:
+    """The cases: the templates over ``config.subjects_dir``'s images, or the rows of ``config.cases``."""
+    if config.cases is not None:
+        return read_cases(config.cases, relations=config.relations, steps=config.steps,
+                          num_images=config.num_images, width=config.width, height=config.height)
+    subjects = subjects_from_dir(config.subjects_dir)
+    if not subjects:
+        raise ValueError(f"SUBJECTS_DIR {config.subjects_dir!r} holds no subject images (.png, .jpg, .jpeg, .webp)")
+    cases = build_cases(subjects, n_single=config.n_single, n_multi=config.n_multi, seed=config.seed,
+                        width=config.width or DEFAULT_SIZE, height=config.height or DEFAULT_SIZE,
+                        steps=config.steps, num_images=config.num_images, relations=config.relations)
+    if not cases:
+        raise ValueError("--n-single and --n-multi are both 0: no case to evaluate")
+    return cases
+
+
+def benchmark(cases: Sequence[GenerationRow]) -> str:
+    """What the cases are, for the reports' titles: ``TOY_BENCHMARK`` when every case is a toy-world row the oracle
+    judges, ``RELATIONBENCH`` otherwise (with the number of oracle-judged cases when some are)."""
+    from .toy_oracle import toy_question
+
+    toy = sum(toy_question(c) is not None for c in cases)
+    if cases and toy == len(cases):
+        return TOY_BENCHMARK
+    return f"{RELATIONBENCH} + toy-world ({toy} of {len(cases)} cases oracle-judged)" if toy else RELATIONBENCH
+
+
 # ----------------------------------------------------------------------------------------------------- running
 
 def _prepare_output(config: EvalConfig, cases: list[GenerationRow], runs: list[PlannedRun]) -> dict[str, str]:
@@ -224,7 +266,7 @@ def _prepare_output(config: EvalConfig, cases: list[GenerationRow], runs: list[P
     have_cases = storage.exists(cases_uri)
     if have_cases and table_to_rows(read_table(cases_uri)) != cases:
         raise ValueError(f"--output {config.output!r} already holds different cases ({cases_uri}: other seed, "
-                         "counts, subjects, relations, size or steps); use a new --output")
+                         "counts, subjects, --cases file, relations, size or steps); use a new --output")
     # base, or --allow-missing: the cases with some relations nulled, in a manifest of their own
     manifests = {r.configuration.name: cases_uri if list(r.rows) == cases
                  else storage.join(config.output, "manifests", f"{r.configuration.name}.parquet") for r in runs}
@@ -303,14 +345,17 @@ def run_evaluation(config: EvalConfig,
                and r.without_lora}
     report = aggregate(config.output, [r.configuration.name for r in runs], cases, preset=config.preset,
                        without_lora=without, resamples=config.resamples, confidence=config.confidence)
-    summary = dict(
-        output=config.output, cases=len(cases), kinds=dict(Counter(case_kind(r) for r in cases)),
-        configs=[dict(name=r.configuration.name, loras=r.configuration.loras,
-                      use_local_tokens=r.configuration.use_local_tokens, manifest=manifests[r.configuration.name],
-                      output=r.output, run=submitted[r.configuration.name]) for r in runs],
-        without_lora=without, rows=report["rows"], table=report["table"], files=report["files"],
-        settings=asdict(config), seconds_total=round(time.perf_counter() - t0, 3),
-    )
+    summary = {
+        "output": config.output, "benchmark": report["benchmark"], "cases": len(cases),
+        "kinds": dict(Counter(case_kind(r) for r in cases)),
+        "configs": [{"name": r.configuration.name, "loras": r.configuration.loras,
+                     "use_local_tokens": r.configuration.use_local_tokens,
+                     "manifest": manifests[r.configuration.name], "output": r.output,
+                     "run": submitted[r.configuration.name]} for r in runs],
+        "without_lora": without, "rows": report["rows"], "table": report["table"],
+        "per_relation": report["per_relation"], "files": report["files"], "settings": asdict(config),
+        "seconds_total": round(time.perf_counter() - t0, 3),
+    }
     storage.write_bytes_atomic(storage.join(config.output, "eval.json"), json.dumps(summary, indent=2).encode())
     return summary
 
@@ -321,9 +366,10 @@ def aggregate(output: str, configs: Sequence[str], cases: Sequence[GenerationRow
               without_lora: dict[str, list[str]] | None = None, resamples: int = 1000,
               confidence: float = 0.95) -> dict[str, Any]:
     """Read the results of each configuration's run (``{output}/runs/{name}``), compute the table cells and the
-    per-relation cells, and write the reports (:func:`batch.eval_report.write_reports`).
+    per-relation cells (the oracle's too on toy-world cases), and write the reports
+    (:func:`batch.eval_report.write_reports`).
 
-    Returns ``{rows: row_counts, table: cells, per_relation: cells, files: {name: URI}}``."""
+    Returns ``{benchmark, rows: row_counts, table: cells, per_relation: cells, files: {name: URI}}``."""
     from . import eval_report
     from .report import load_run
 
@@ -332,16 +378,25 @@ def aggregate(output: str, configs: Sequence[str], cases: Sequence[GenerationRow
     counts = row_counts(cases, results)
     cells = summarize(records, ("config", "kind"), resamples=resamples, confidence=confidence)
     per_relation = summarize(records, ("config", "kind", "relation"), resamples=resamples, confidence=confidence)
+    title = benchmark(cases)
     files = eval_report.write_reports(output, configs=list(configs), cases=cases, results=results, cells=cells,
                                       per_relation=per_relation, counts=counts, preset=preset,
-                                      without_lora=without_lora)
-    return dict(rows=counts, table=cells, per_relation=per_relation, files=files)
+                                      without_lora=without_lora, records=records, benchmark=title)
+    return {"benchmark": title, "rows": counts, "table": cells, "per_relation": per_relation, "files": files}
 
 
 def image_records(cases: Sequence[GenerationRow], results: dict[str, Iterable[dict]]) -> list[dict[str, Any]]:
     """One record per scored image: ``config, row_id, kind, relation, k, image`` and each metric (None when that
-    metric is absent). Only ``ok`` rows of known cases count; relation and kind come from the case, not the run."""
+    metric is absent). Only ``ok`` rows of known cases count; relation and kind come from the case, not the run.
+
+    A toy-world case (:func:`batch.toy_oracle.toy_question`) also gets the oracle's verdict on each image, read
+    from the image URI of its result: ``oracle_identity`` 100 when every subject's shape, colour and pattern is
+    right, else 0; ``oracle_relation`` 100 when the relation holds, else 0 (None for other cases, and for an image
+    the oracle cannot read: logged)."""
+    from .toy_oracle import toy_question
+
     by_id = {r.row_id: r for r in cases}
+    questions = {r.row_id: toy_question(r) for r in cases}
     records = []
     for name, rows in results.items():
         for res in sorted(rows, key=lambda r: r["row_id"]):
@@ -349,13 +404,27 @@ def image_records(cases: Sequence[GenerationRow], results: dict[str, Iterable[di
             if case is None or res["status"] != "ok":
                 continue
             for k, image in enumerate(res.get("images") or []):
-                rec = dict(config=name, row_id=case.row_id, kind=case_kind(case), relation=case.relation, k=k,
-                           image=image)
+                rec = {"config": name, "row_id": case.row_id, "kind": case_kind(case), "relation": case.relation,
+                       "k": k, "image": image}
                 for m in METRICS:
                     values = res.get(m) or []
                     rec[m] = float(values[k]) if k < len(values) and values[k] is not None else None
+                if questions[case.row_id] is not None:
+                    rec.update(_oracle_metrics(image, questions[case.row_id]))
                 records.append(rec)
     return records
+
+
+def _oracle_metrics(image: str, question: Question) -> dict[str, float | None]:
+    """``{oracle_identity, oracle_relation}`` of the image at ``image`` (100.0 or 0.0; None when unreadable)."""
+    from .toy_oracle import judge_uri
+
+    try:
+        verdict = judge_uri(image, question)
+    except (OSError, ValueError) as exc:  # a missing file, not an image, or not a toy-world size
+        logger.warning("the oracle cannot judge %s: %s", image, exc)
+        return dict.fromkeys(ORACLE_METRICS)
+    return {"oracle_identity": 100.0 * all(verdict.identity), "oracle_relation": 100.0 * verdict.relation}
 
 
 def row_counts(cases: Sequence[GenerationRow], results: dict[str, Iterable[dict]]) -> dict[str, dict[str, dict]]:
@@ -365,7 +434,7 @@ def row_counts(cases: Sequence[GenerationRow], results: dict[str, Iterable[dict]
     out: dict[str, dict[str, dict]] = {}
     for name, rows in results.items():
         status = {r["row_id"]: r["status"] for r in rows if r["row_id"] in kinds}
-        per = {kind: dict(cases=0, ok=0, error=0, missing=0) for kind in KINDS if kind in kinds.values()}
+        per = {kind: {"cases": 0, "ok": 0, "error": 0, "missing": 0} for kind in KINDS if kind in kinds.values()}
         for row_id, kind in kinds.items():
             per[kind]["cases"] += 1
             per[kind][{"ok": "ok", "error": "error"}.get(status.get(row_id, ""), "missing")] += 1
@@ -406,26 +475,27 @@ def _sort_key(field: str, value: Any, order: dict[str, int]) -> tuple:
     if field == "kind":
         return (KINDS.index(value),)
     if field == "relation":
-        return (template(value).number if value else 0,)
+        return relation_sort_key(value)
     return (order.get(value, len(order)), str(value))
 
 
 def summarize(records: Sequence[dict[str, Any]], by: Sequence[str], resamples: int = 1000,
               confidence: float = 0.95, seed: int = 0, digits: int = 4) -> list[dict[str, Any]]:
     """Cells ``{*by, metric, mean, ci_low, ci_high, n}`` grouped by the ``by`` fields (e.g. ``("config", "kind")``),
-    one per metric that has values; numbers rounded to ``digits`` decimals. Configurations keep the order they
-    first appear in; kinds go single, multi; relations by their Table 10 number."""
+    one per metric that has values (``ALL_METRICS``: the paper's four, then the oracle's); numbers rounded to
+    ``digits`` decimals. Configurations keep the order they first appear in; kinds go single, multi; relations by
+    ``relation_sort_key`` (RelationBench's by their Table 10 number, then the toy world's, then others)."""
     groups: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     order: dict[str, int] = {}
     for rec in records:
         order.setdefault(rec["config"], len(order))
         key = tuple(rec[f] for f in by)
-        for m in METRICS:
+        for m in ALL_METRICS:
             if rec.get(m) is not None:
                 groups[key][m].append(float(rec[m]))
     cells = []
     for key in sorted(groups, key=lambda k: tuple(x for f, v in zip(by, k) for x in _sort_key(f, v, order))):
-        for m in METRICS:
+        for m in ALL_METRICS:
             values = groups[key].get(m)
             if not values:
                 continue

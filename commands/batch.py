@@ -243,8 +243,10 @@ def batch_judge(
     """Judge a run of toy-world rows (`data toy-world --kind manifest`, made with `--preset toy`) with the toy
     world's exact oracle: the share of images showing the row's subjects (shape, colour, pattern) and its relation.
 
-    Under the quality gate it also judges each slot's first attempt (what the run would have kept without the gate),
-    so the gate's effect is measured. Writes OUTPUT/oracle.parquet (one row per judged image, with the reasons).
+    Under the quality gate it also judges every attempt: each slot's first attempt (what the run would have kept
+    without the gate, so the gate's effect is measured), and the attempts the gate passed against those it failed
+    (whether its scores tell good images from bad). Writes OUTPUT/oracle.parquet (one row per judged image, with
+    the reasons).
     """
     from batch.toy_judge import judge_run
 
@@ -258,8 +260,10 @@ def batch_judge(
                 f"both {_pct(r['both'])}; shape + colour {_pct(r['shape_colour'])}")
 
     typer.echo(line("final images", result["final"]))
-    if result["first_attempt"] is not None:
-        typer.echo(line("first attempts (no gate)", result["first_attempt"]))
+    for key, name in (("first_attempt", "first attempts (no gate)"), ("gate_passed", "attempts the gate passed"),
+                      ("gate_failed", "attempts the gate failed")):
+        if result[key] is not None:
+            typer.echo(line(name, result[key]))
     skipped = result["skipped"]
     if any(skipped.values()):
         typer.echo(f"not judged: {skipped['error_rows']} error rows, {skipped['not_toy_rows']} rows not from the toy "

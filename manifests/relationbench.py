@@ -6,6 +6,9 @@ for the 11 two-subject ones (side by side, overlapping for close contact, apart 
 carrying). The template texts are the paper's, verbatim (including "on the diving room").
 
     rows = build_cases(subjects_from_dir("manifests/examples/subjects"), n_single=100, n_multi=100, seed=0)
+
+Cases may also come ready-made from a manifest (:func:`read_cases`, e.g. the toy world's RelationBench-style cases
+of ``dreamrelation data toy-world --kind relationbench``); :func:`relation_sort_key` orders any relation id.
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
+from dreamrelation.toy import world
 from manifests import storage
+from manifests.io import read_manifest
 from manifests.schema import GenerationRow
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -104,6 +109,19 @@ def template(relation: str) -> Template:
                          f"expected one of {sorted(_BY_RELATION)}") from None
 
 
+_TOY_ORDER = {r.id: i for i, r in enumerate(world.RELATIONS)}
+
+
+def relation_sort_key(relation: str | None) -> tuple[int, int, str]:
+    """The order of per-relation tables and plots, for any relation id: RelationBench ids by their Table 10 number,
+    then the toy world's in ``world.RELATIONS`` order, then any other id alphabetically, then no relation."""
+    if relation in _BY_RELATION:
+        return (0, _BY_RELATION[relation].number, "")
+    if relation in _TOY_ORDER:
+        return (1, _TOY_ORDER[relation], "")
+    return (2, 0, relation) if relation else (3, 0, "")
+
+
 def subject_name(uri: str) -> str:
     """The subject's words from its file name: ``.../plushie_bear.png`` -> ``plushie bear``."""
     stem = PurePosixPath(str(uri).replace("\\", "/")).stem
@@ -178,7 +196,7 @@ def build_cases(subjects: list[tuple[str, str]], n_single: int = 100, n_multi: i
         raise ValueError("SUBJECTS_DIR holds no subject image, but single-subject cases are wanted")
     if n_multi and len(by_uri) < 2:
         raise ValueError(f"two-subject cases (--n-multi) need at least 2 distinct subject images, got {by_uri!r}")
-    options = dict(width=width, height=height, steps=steps, num_images=num_images)
+    options = {"width": width, "height": height, "steps": steps, "num_images": num_images}
     rng = random.Random(seed)
     rows = []
     for i in range(n_single):
@@ -188,3 +206,34 @@ def build_cases(subjects: list[tuple[str, str]], n_single: int = 100, n_multi: i
         tmpl = multis[i % len(multis)]
         rows.append(_row("multi", i, tmpl, rng.sample(by_uri, 2), rng.randrange(2**31), options))
     return rows
+
+
+def read_cases(uri: str, relations: Iterable[str] | None = None, steps: int | None = None,
+               num_images: int | None = None, width: int | None = None, height: int | None = None,
+               ) -> list[GenerationRow]:
+    """Ready-made cases: the rows of the manifest at ``uri`` (any relation ids, e.g. a toy world's
+    ``relationbench.parquet``; relative subject paths resolved against its folder), in file order.
+
+    ``relations`` keeps only rows whose relation is listed (``ValueError`` listing the ids the cases have when one
+    is unknown); ``steps``, ``num_images``, ``width`` and ``height`` replace every row's own when given. Any rejected
+    row is a ``ValueError`` naming the file and the first rejection; so is a file without rows."""
+    rows, rejected = read_manifest(uri)
+    if rejected:
+        first = rejected[0]
+        raise ValueError(f"--cases {uri}: {len(rejected)} invalid row(s); the first, row {first.index} "
+                         f"({first.row_id}): {first.field}: {first.reason}")
+    if not rows:
+        raise ValueError(f"--cases {uri} holds no case")
+    if relations is not None:
+        wanted = list(dict.fromkeys(relations))
+        have = sorted({r.relation for r in rows if r.relation}, key=relation_sort_key)
+        unknown = [r for r in wanted if r not in have]
+        if not wanted:
+            raise ValueError(f"--relations must name at least one relation of --cases {uri} (or be left out for "
+                             f"all), got none; they have {have}")
+        if unknown:
+            raise ValueError(f"--relations: {unknown} not among the relations of --cases {uri}; they have {have}")
+        rows = [r for r in rows if r.relation in wanted]
+    given = {"steps": steps, "num_images": num_images, "width": width, "height": height}
+    update = {k: v for k, v in given.items() if v is not None}
+    return [GenerationRow.model_validate({**r.model_dump(), **update}) for r in rows] if update else rows

@@ -570,6 +570,17 @@ def measure(pipe, relations: list[str], cases: int, seed: int, adapter: bool, st
     return dict(oracle.rates(verdicts), relations=relations, adapter=adapter, steps=steps, guidance=guidance)
 
 
+def oracle_figures(pipe, held_out: str, cases: int) -> dict[str, Any]:
+    """The card's ``oracle`` entry: ``measure`` of the caption alone (``base``) and of caption + subject images +
+    boxes (``adapter``), each on ``cases`` scenes of the trained relations (seed 1) and of the held-out one (seed
+    2)."""
+    seen, held = training_relations(held_out), [held_out]
+    return dict(base_seen=measure(pipe, seen, cases, seed=1, adapter=False),
+                base_held_out=measure(pipe, held, cases, seed=2, adapter=False),
+                adapter_seen=measure(pipe, seen, cases, seed=1, adapter=True),
+                adapter_held_out=measure(pipe, held, cases, seed=2, adapter=True))
+
+
 # ----------------------------------------------------------------------------------------------------------- main
 
 @dataclass
@@ -659,13 +670,7 @@ def train_toy(output: str | Path, settings: ToySettings = ToySettings(), progres
     )
     cases = settings.eval_cases if measure_cases is None else measure_cases
     if cases:
-        loaded = load_pipeline(str(model))
-        seen, held = training_relations(settings.held_out), [settings.held_out]
-        card["oracle"] = dict(
-            base_seen=measure(loaded, seen, cases, seed=1, adapter=False),
-            base_held_out=measure(loaded, held, cases, seed=2, adapter=False),
-            adapter_seen=measure(loaded, seen, cases, seed=1, adapter=True),
-            adapter_held_out=measure(loaded, held, cases, seed=2, adapter=True))
+        card["oracle"] = oracle_figures(load_pipeline(str(model)), settings.held_out, cases)
     card["seconds"] = round(sum(st["seconds"] for st in stages.values()), 1)
     text = json.dumps(card, indent=2) + "\n"
     (output / CARD).write_text(text)
