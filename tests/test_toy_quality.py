@@ -8,9 +8,6 @@ would score: a regression in the model, the pipeline, the adapter's masks or the
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -64,7 +61,7 @@ def test_the_toy_preset_draws_the_subjects_in_their_boxes(toy_pipe):
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_the_readme_toy_run_judged_by_the_oracle(tmp_path):
+def test_the_readme_toy_run_judged_by_the_oracle(ray_local, runner, tmp_path, monkeypatch):
     """The README's toy lines, typed literally from the project's folder (their paths are the repository's),
     writing to a scratch output: the run, then `batch judge` on it."""
     submit = readme_command("batch submit manifests/examples/toy/manifest.parquet")
@@ -72,14 +69,13 @@ def test_the_readme_toy_run_judged_by_the_oracle(tmp_path):
     out = tmp_path / "toy"
     submit[submit.index("--output") + 1] = str(out)
     judge[judge.index("outputs/toy")] = str(out)
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    cli = [sys.executable, str(ROOT / "cli.py")]
-    ran = subprocess.run([*cli, *submit], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert ran.returncode == 0, ran.stdout + ran.stderr
-    judged = subprocess.run([*cli, *judge], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert judged.returncode == 0, judged.stdout + judged.stderr
-    first = judged.stdout.splitlines()[0]
-    assert first.startswith("final images: 16 images; identity "), judged.stdout
+    monkeypatch.chdir(ROOT)
+    ran = invoke(runner, *submit)
+    assert ran.exit_code == 0, ran.output
+    judged = invoke(runner, *judge)
+    assert judged.exit_code == 0, judged.output
+    first = judged.output.splitlines()[0]
+    assert first.startswith("final images: 16 images; identity "), judged.output
     shape_colour = float(first.split("shape + colour ")[1].split("%")[0]) / 100
     assert shape_colour >= FLOOR_SHAPE_COLOUR, first
     assert (out / "oracle.parquet").is_file() and (out / "report.html").is_file()
