@@ -89,6 +89,8 @@ def run_json(output) -> dict:
 
 
 # ---- the main path --------------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.ray
 def test_example_manifest_on_two_actors(ray_local, tmp_path):
     import hashlib
 

@@ -181,7 +181,7 @@ def test_a_killed_driver_is_resumed_by_rerunning_the_same_command(ray_local, tmp
     data = str(tmp_path / "data")
     write_synthetic_triplets(data, relations=("hugging", "riding"))
     out = tmp_path / "train"
-    steps = 200
+    steps = 80  # enough that the run is still going when both relations pass step 10
     args = ["--relations", "hugging,riding", "--output", str(out), "--steps", str(steps), "--batch-size", "1",
             "--checkpoint-every", "5", "--name", "crash"]
     # Tune saves its run state (which checkpoints it knows) once at the start and then not for 10 minutes: the
