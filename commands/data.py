@@ -168,10 +168,11 @@ def data_toy_world(
     output: Annotated[str, typer.Argument(help="Folder to write (path or URL): the Parquet file, subjects/, and "
                                                "references/ or images/.")],
     kind: Annotated[str, typer.Option(help="'manifest' (generation rows), 'triplets' (what `train relations` "
-                                           "reads) or 'relationbench' (rb-single-NNNN, rb-multi-NNNN cases).")
+                                           "reads), 'relationbench' (rb-single-NNNN, rb-multi-NNNN cases) or "
+                                           "'spec' (relation specs of the data engine, `data generate`).")
                     ] = "manifest",
     n: Annotated[int, typer.Option("--n", help="Rows to draw (relationbench: cases of each kind, single and "
-                                               "multi).")] = 100,
+                                               "multi; spec: samples per relation).")] = 100,
     seed: Annotated[int, typer.Option(help="Seed of the draw: the same seed writes the same rows and images.")] = 0,
     relations: Annotated[Optional[str], typer.Option(
         help="Comma-separated toy relation ids to draw, round-robin (default: all; not for relationbench).")] = None,
@@ -191,5 +192,6 @@ def data_toy_world(
         uri = write_toy_world(output, kind, n, seed=seed, relations=wanted, lora_relations=named)
     except (OSError, ValueError) as exc:
         fail(str(exc))
-    what = {"relationbench": f"{n} single + {n} multi cases", "triplets": f"{n} triplets"}.get(kind, f"{n} rows")
+    what = {"relationbench": f"{n} single + {n} multi cases", "triplets": f"{n} triplets",
+            "spec": f"relation specs of {n} samples each"}.get(kind, f"{n} rows")
     typer.echo(f"{what} written to {uri}")

@@ -6,6 +6,8 @@ Every kind is a folder (any fsspec URL) whose rows name their images relative to
     {out}/manifest.parquet         --kind manifest: one generation row per scene (GenerationRow)
     {out}/triplets.parquet         --kind triplets: one fine-tuning triplet per scene (what `train relations` reads)
     {out}/relationbench.parquet    --kind relationbench: rb-single-NNNN then rb-multi-NNNN cases
+    {out}/relation_spec.yaml       --kind spec: relation specs of the data engine (`data generate`), n samples
+                                   per relation of one or two subjects, each with its own subjects and layout
     {out}/subjects/{slug}.png      each identity alone, centred (its image prompt), written once, shared by rows
     {out}/references/{row_id}.png  the render a manifest / relationbench row describes (metadata "reference")
     {out}/images/{triplet_id}/     a triplet's target.png and mask{k}.png (visible pixels)
@@ -32,11 +34,13 @@ from manifests.triplets import TripletRow, triplets_uri, write_triplets
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["KINDS", "MANIFEST_FILE", "RELATIONBENCH_FILE", "SOURCE", "toy_relations", "write_toy_manifest",
-           "write_toy_relationbench", "write_toy_triplets", "write_toy_world"]
+__all__ = ["KINDS", "MANIFEST_FILE", "RELATIONBENCH_FILE", "SOURCE", "SPEC_FILE", "toy_relations",
+           "write_toy_manifest", "write_toy_relationbench", "write_toy_spec", "write_toy_triplets", "write_toy_world"]
 
-KINDS = ("manifest", "triplets", "relationbench")
+KINDS = ("manifest", "triplets", "relationbench", "spec")
 MANIFEST_FILE = "manifest.parquet"
+SPEC_FILE = "relation_spec.yaml"
+SUBJECT_PROMPT = "A {class} is in the middle of the picture."  # the toy world's caption of a subject alone
 RELATIONBENCH_FILE = "relationbench.parquet"
 SOURCE = "toy-world"
 KEYPOINT_LAYOUTS_KEY = "keypoint_layouts"  # == dreamrelation.train.data.LAYOUTS_KEY (no import: that module is the model's)
@@ -185,14 +189,46 @@ def write_toy_triplets(folder: str, n: int, seed: int = 0, relations: Iterable[s
     return triplets_uri(folder)
 
 
+def write_toy_spec(folder: str, n: int, seed: int = 0, relations: Iterable[str] | None = None,
+                   size: int = world.SIZE, steps: int = 25) -> str:
+    """Relation specs of the data engine to ``{folder}/relation_spec.yaml``: per toy relation of one or two
+    subjects (the engine's templates name at most two), ``n`` samples ``{relation}-NNNNN``, sample ``i`` with the
+    subjects and the layout of ``world.sample_layout(relation, scene seed i)`` (``class_sets`` and ``layouts`` of
+    length ``n``, which the engine uses in step), the relation's caption as the template, and each subject image
+    prompted as the world's caption of that subject alone (``SUBJECT_PROMPT``). Returns the file's URI."""
+    from manifests.relation_spec import write_relation_specs
+
+    _check(n, "n", size, minimum=1)
+    rng = random.Random(seed)
+    specs = []
+    for relation_id in toy_relations(relations, arities=(1, 2)):
+        rel = world.relation(relation_id)
+        layouts = [world.sample_layout(rel.id, rng.randrange(2**31), size) for _ in range(n)]
+        specs.append({
+            "relation": rel.id, "templates": [rel.text.format(*(f"{{{k}}}" for k in range(rel.arity)))],
+            "class_sets": [[i.phrase for i in layout.identities] for layout in layouts],
+            "layouts": [[[float(v) / size for v in box] for box in layout.boxes] for layout in layouts],
+            "relation_phrase": rel.phrase, "subject_prompt": SUBJECT_PROMPT, "count": n,
+            "seed": rng.randrange(2**31), "width": size, "height": size, "steps": steps})
+    if not specs:
+        raise ValueError(f"--relations: the data engine makes relations of one or two subjects; "
+                         f"{list(relations or [])} has none")
+    uri = storage.join(folder, SPEC_FILE)
+    write_relation_specs(specs, uri)
+    logger.info("wrote %d toy relation specs (%d samples each) to %s", len(specs), n, uri)
+    return uri
+
+
 def write_toy_world(output: str, kind: str, n: int, seed: int = 0, relations: Iterable[str] | None = None,
                     size: int = world.SIZE, lora_relations: Iterable[str] | None = None) -> str:
     """One of ``KINDS`` to the folder ``output`` (``relationbench``: ``n`` cases of each kind, single and multi,
-    as the paper's 100 + 100; ``relations`` is for the other kinds). Returns the Parquet file's URI."""
+    as the paper's 100 + 100; ``spec``: ``n`` samples per relation; ``relations`` is for the other kinds). Returns
+    the written file's URI."""
     writers: dict[str, Callable[[], str]] = {
         "manifest": lambda: write_toy_manifest(output, n, seed, relations, size, lora_relations),
         "triplets": lambda: write_toy_triplets(output, n, seed, relations, size),
         "relationbench": lambda: write_toy_relationbench(output, n, n, seed, size),
+        "spec": lambda: write_toy_spec(output, n, seed, relations, size),
     }
     if kind not in writers:
         raise ValueError(f"--kind must be one of {list(KINDS)}, got {kind!r}")

@@ -335,7 +335,7 @@ def test_cli_toy_world(runner, tmp_path):
         assert {r.relation for r in rows} == expected and all(r.relation_phrase for r in rows)
         assert {r.metadata["toy_relation"] for r in rows} == {r.id for r in RELATIONS}
     for args, message in [
-        (["--kind", "images"], "error: --kind must be one of ['manifest', 'triplets', 'relationbench'], got 'images'"),
+        (["--kind", "images"], "error: --kind must be one of ['manifest', 'triplets', 'relationbench', 'spec'], got 'images'"),
         (["--n", 0], "error: --n must be a whole number >= 1, got 0"),
         (["--relations", "inside,hovering"], "error: --relations: 'hovering' is not a toy relation id"),
         (["--kind", "triplets", "--lora-relations", "none"], "error: --lora-relations applies to --kind manifest"),
@@ -343,6 +343,32 @@ def test_cli_toy_world(runner, tmp_path):
         result = invoke(runner, "data", "toy-world", tmp_path / "bad", *args)
         assert result.exit_code == 2 and message in result.output, result.output
     assert not (tmp_path / "bad").exists()
+
+
+def test_toy_relation_specs_expand_to_the_worlds_scenes(runner, tmp_path):
+    """`data toy-world --kind spec`: specs the data engine reads, one per relation of one or two subjects; sample i
+    gets the subjects and the layout of one drawn scene, so its prompt, boxes and phrases describe a scene where the
+    relation holds (rendered from the sample alone, the oracle says yes)."""
+    from manifests.relation_spec import expand_specs, read_relation_specs
+    from manifests.toy_data import SUBJECT_PROMPT
+
+    result = invoke(runner, "data", "toy-world", tmp_path / "spec", "--kind", "spec", "--n", 3, "--seed", 2)
+    assert result.exit_code == 0, result.output
+    specs = read_relation_specs(str(tmp_path / "spec" / "relation_spec.yaml"))
+    assert [s.relation for s in specs] == [r.id for r in RELATIONS if r.arity <= 2]
+    samples = expand_specs(specs)
+    assert len(samples) == 3 * len(specs) and all((s.width, s.steps) == (64, 25) for s in samples)
+    for sample in samples:
+        rel = world.relation(sample.relation)
+        assert sample.prompt == rel.caption([Identity.parse(c) for c in sample.classes])
+        assert sample.subject_prompts == [SUBJECT_PROMPT.replace("{class}", c) for c in sample.classes]
+        assert sample.relation_phrase == rel.phrase
+        boxes = [tuple(round(v * 64) for v in box) for box in sample.boxes]
+        layout = world.sample_layout(rel.id, 0, identities=sample.classes)
+        drawn = world.render(world.Layout(rel.id, layout.identities, tuple(boxes), layout.order))
+        assert oracle.judge(drawn.image, sample.classes, rel.id).ok, sample.sample_id
+    result = invoke(runner, "data", "toy-world", tmp_path / "bad", "--kind", "spec", "--relations", "stacked")
+    assert result.exit_code == 2 and "relations of one or two subjects" in result.output
 
 
 @pytest.mark.slow
