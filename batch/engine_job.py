@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from dreamrelation.engine.gates import TINY_GATES, TINY_GATES_NOTE, resolve_keypoints
+from dreamrelation.engine.gates import calibration_note, resolve_keypoints
 from dreamrelation.train.data import LAYOUTS_KEY
 from manifests import storage
 from manifests.engine_outcome import EngineOutcome, read_outcomes, write_outcomes
@@ -290,7 +290,7 @@ def _summary(config: EngineJobConfig, engine: EngineConfig, ids: list[str], todo
         drops=[{"sample_id": o.sample_id, "stage": o.stage, "reason": o.reason, "detail": o.detail}
                for o in run_dropped][:200],
         gates=asdict(engine.gates),
-        gates_note=TINY_GATES_NOTE if engine.preset == "tiny" and engine.gates == TINY_GATES else None,
+        gates_note=calibration_note(engine.preset, engine.gates),
         keypoints=asdict(engine.keypoints),
         keypoint_layouts=dict(sorted(layouts.items())),  # over the dataset's subjects
         target_loras=dict(sorted((k, v) for k, v in loras.items() if k)),  # "relation@fingerprint": targets

@@ -35,10 +35,16 @@ def toy_question(row: GenerationRow | None, source: str | None = SOURCE) -> Ques
     if row is None or (source is not None and row.metadata.get("source") != source):
         return None
     relation = row.relation if row.relation in RELATION_IDS else row.metadata.get("toy_relation")
+    return question_of([s.phrase for s in row.subjects], relation)
+
+
+def question_of(phrases: list[str], relation: str | None) -> Question | None:
+    """``(identities, relation id)`` when ``phrases`` read as toy identities of distinct colours and ``relation``
+    is a toy relation of their number, else None."""
     if relation not in RELATION_IDS:
         return None
     try:
-        identities = tuple(world.Identity.parse(s.phrase) for s in row.subjects)
+        identities = tuple(world.Identity.parse(p) for p in phrases)
     except ValueError:
         return None
     if len(identities) != world.relation(relation).arity or len({i.colour for i in identities}) != len(identities):

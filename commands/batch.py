@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from commands.common import PRESET_HELP, fail, progress_bar, quiet_ray_logs
+from commands.common import PRESET_HELP, fail, oracle_line, progress_bar, quiet_ray_logs
 
 batch_app = typer.Typer(help="Batch generation on Ray: Parquet manifests in, images and per-row metrics out.",
                         no_args_is_help=True)
@@ -255,25 +255,16 @@ def batch_judge(
     except (ValueError, FileNotFoundError) as exc:  # ManifestError is a ValueError
         fail(str(exc))
 
-    def line(name: str, r: dict) -> str:
-        return (f"{name}: {r['cases']} images; identity {_pct(r['identity'])}, relation {_pct(r['relation'])}, "
-                f"both {_pct(r['both'])}; shape + colour {_pct(r['shape_colour'])}")
-
-    typer.echo(line("final images", result["final"]))
+    typer.echo(oracle_line("final images", result["final"]))
     for key, name in (("first_attempt", "first attempts (no gate)"), ("gate_passed", "attempts the gate passed"),
                       ("gate_failed", "attempts the gate failed")):
         if result[key] is not None:
-            typer.echo(line(name, result[key]))
+            typer.echo(oracle_line(name, result[key]))
     skipped = result["skipped"]
     if any(skipped.values()):
         typer.echo(f"not judged: {skipped['error_rows']} error rows, {skipped['not_toy_rows']} rows not from the toy "
                    f"world")
     typer.echo(f"per image: {result['file']}")
-
-
-def _pct(cell: dict) -> str:
-    low, high = cell["ci95"]
-    return f"{100 * cell['rate']:.1f}% [{100 * low:.1f}, {100 * high:.1f}]"
 
 
 @batch_app.command("report")

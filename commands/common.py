@@ -6,7 +6,6 @@ from typing import Any, Callable, NoReturn
 
 import typer
 
-
 PRESET_HELP = ("'tiny' (random miniature weights, built on first use: noise images, for tests), 'toy' (a miniature "
                "model trained on the toy world, shipped: coloured shapes at 64 px; see `dreamrelation data "
                "toy-world`), 'sdxl' (public weights) or a model folder")
@@ -67,3 +66,13 @@ def quiet_ray_logs() -> None:
 
         logging.getLogger("ray").setLevel(logging.WARNING)
         logging.getLogger("ray.data").setLevel(logging.ERROR)  # "progress bars disabled" (we show our own)
+
+
+def oracle_line(name: str, rates: dict, unit: str = "images") -> str:
+    """One line of the toy oracle's rates (``dreamrelation.toy.oracle.rates``), each with its 95% interval."""
+    def pct(cell: dict) -> str:
+        low, high = cell["ci95"]
+        return f"{100 * cell['rate']:.1f}% [{100 * low:.1f}, {100 * high:.1f}]"
+
+    return (f"{name}: {rates['cases']} {unit}; identity {pct(rates['identity'])}, relation {pct(rates['relation'])}, "
+            f"both {pct(rates['both'])}; shape + colour {pct(rates['shape_colour'])}")

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from commands.common import PRESET_HELP, fail, progress_bar
+from commands.common import PRESET_HELP, fail, oracle_line, progress_bar
 
 data_app = typer.Typer(help="Relation fine-tuning data: triplets (subject images, target, keypoints).",
                        no_args_is_help=True)
@@ -51,8 +51,9 @@ def data_generate(
                                              "manifests/examples/relation_spec.yaml.")],
     output: Annotated[str, typer.Option(help="Dataset root (path or URL): triplets.parquet, images/, outcomes/, "
                                              "dropped.parquet, engine.json.")] = "outputs/engine",
-    preset: Annotated[str, typer.Option(help=PRESET_HELP + "; also picks the annotators (tiny and toy: the "
-                                             "tiny, random ones).")] = "tiny",
+    preset: Annotated[str, typer.Option(help=PRESET_HELP + "; also picks the annotators (tiny: the tiny, random "
+                                             "ones; toy: the toy world's reader finds and masks the subjects, the "
+                                             "rest tiny) and their gates.")] = "tiny",
     generator: Annotated[str, typer.Option(help="'pipeline' (our SDXL stack) or 'api' (an OpenAI-compatible "
                                                 "images API).")] = "pipeline",
     api_base: Annotated[Optional[str], typer.Option(help="Images API base URL, e.g. https://api.openai.com/v1 "
@@ -195,3 +196,29 @@ def data_toy_world(
     what = {"relationbench": f"{n} single + {n} multi cases", "triplets": f"{n} triplets",
             "spec": f"relation specs of {n} samples each"}.get(kind, f"{n} rows")
     typer.echo(f"{what} written to {uri}")
+
+
+@data_app.command("judge")
+def data_judge(
+    output: Annotated[str, typer.Argument(help="Output folder of `data generate` on toy relation specs.")],
+) -> None:
+    """Judge a data engine output of toy relation specs (`data toy-world --kind spec`, made with `--preset toy`)
+    with the toy world's exact oracle: every target it generated, those the gates kept (made into triplets) against
+    those they dropped, by reason: whether the gates keep the targets that show their subjects and relation.
+    Writes OUTPUT/oracle.parquet (one row per target, with the reasons)."""
+    from batch.toy_judge import judge_engine
+
+    try:
+        result = judge_engine(output)
+    except (ValueError, FileNotFoundError) as exc:
+        fail(str(exc))
+    for key, name in (("made", "targets the gates kept"), ("dropped", "targets the gates dropped")):
+        if result[key] is not None:
+            typer.echo(oracle_line(name, result[key], unit="targets"))
+    for reason, rates in result["dropped_by_reason"].items():
+        typer.echo(oracle_line(f"  dropped for {reason}", rates, unit="targets"))
+    skipped = result["skipped"]
+    if any(skipped.values()):
+        typer.echo(f"not judged: {skipped['not_toy_samples']} samples not from the toy world, "
+                   f"{skipped['missing_targets']} targets missing")
+    typer.echo(f"per target: {result['file']}")

@@ -17,7 +17,9 @@ The paper warns that subject images cropped from the target make the model copy 
 Fig. 3); targets made by the base adapter from the subject images can do the same, so the copy-paste gate drops a
 target whose subject crop is nearly its subject image (DINO, :meth:`dreamrelation.metrics.MetricModels.
 dino_pair_scores`). Default gates are :class:`GateConfig`'s; the tiny preset's images are noise, so its defaults
-(:data:`TINY_GATES`, :func:`default_gates`) are thresholds noise passes, every gate still measured.
+(:data:`TINY_GATES`, :func:`default_gates`) are thresholds noise passes, every gate still measured; the toy preset
+finds its subjects with the toy world's reader (``toy_annotators``), and its gates (:data:`TOY_GATES`) keep only
+targets where each subject was found exactly once with the right shape.
 
 Plain Python and torch: no Ray, no pydantic (``batch.engine_worker`` turns annotations into ``TripletRow``s).
 Coordinates: boxes normalized ``[x0, y0, x1, y1]``; keypoints normalized ``[x, y]`` of the image they belong to.
@@ -53,9 +55,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "ANIMAL_CLASSES", "Annotation", "Annotator", "Drop", "GateConfig", "KeypointConfig", "PERSON_CLASSES",
-    "SubjectAnnotation", "TINY_GATES", "TINY_GATES_NOTE", "box_iou", "box_mask", "check_clip_r", "check_copy_paste",
-    "check_keypoints", "check_layout", "check_overlap", "clean_box", "default_gates", "pick_detections",
-    "resolve_keypoints",
+    "SubjectAnnotation", "TINY_GATES", "TINY_GATES_NOTE", "TOY_GATES", "TOY_GATES_NOTE", "box_iou", "box_mask",
+    "calibration_note", "check_clip_r", "check_copy_paste", "check_keypoints", "check_layout", "check_overlap",
+    "clean_box", "default_gates", "pick_detections", "resolve_keypoints",
 ]
 
 NUM_KEYPOINTS = 17
@@ -114,19 +116,33 @@ class GateConfig:
                 raise ValueError(f"{name} must be None or a number in [0, 1], got {v!r}")
 
 
-# The tiny annotators (the tiny and the toy preset use them) are random: thresholds noise passes, so the
-# README's example makes triplets; every gate still runs and records what it measured.
+# The tiny annotators are random: thresholds noise passes, so the README's example makes triplets; every gate
+# still runs and records what it measured.
 TINY_GATES = GateConfig(detection_threshold=0.0, max_instances=10_000, min_keypoint_confidence=0.0,
                         visibility_threshold=0.0, min_clip_r=0.0, min_layout_iou=None, max_subject_iou=None,
                         max_copy_paste_dino=100.0)
-TINY_GATES_NOTE = "gates calibrated for the tiny annotators (random weights, used by the tiny and toy presets)"
+TINY_GATES_NOTE = "gates calibrated for the tiny annotators (random weights)"
+# The toy preset finds and masks subjects with the toy world's exact reader (``toy_annotators``) and carries keypoints
+# with weight-free colour features (``keypoints.ColourFeatures``): each subject found exactly once, with the right
+# shape (score >= 0.5), and not on top of another; keypoint confidence, DINO (the tiny random one) and the toy CLIP's
+# CLIP-R (which tells relations apart only weakly, README) are measured, not gated.
+TOY_GATES = replace(TINY_GATES, detection_threshold=0.5, max_instances=1, max_subject_iou=0.8)
+TOY_GATES_NOTE = ("gates calibrated for the toy annotators (the toy world's reader finds and masks the subjects; "
+                  "keypoint confidence, DINO and CLIP-R are measured, not gated)")
 
 
 def default_gates(preset: str, metrics: bool = True) -> GateConfig:
-    """The gates a run uses unless told otherwise: :data:`TINY_GATES` for ``"tiny"`` and ``"toy"``, :class:`GateConfig`'s
-    defaults else; without metric models (``metrics=False``) the CLIP-R and copy-paste gates are off."""
-    gates = TINY_GATES if str(preset) in SMALL_PRESETS else GateConfig()
+    """The gates a run uses unless told otherwise: :data:`TINY_GATES` for ``"tiny"``, :data:`TOY_GATES` for
+    ``"toy"``, :class:`GateConfig`'s defaults else; without metric models (``metrics=False``) the CLIP-R and
+    copy-paste gates are off."""
+    gates = {"tiny": TINY_GATES, "toy": TOY_GATES}.get(str(preset), GateConfig())
     return gates if metrics else replace(gates, min_clip_r=None, max_copy_paste_dino=None)
+
+
+def calibration_note(preset: str, gates: GateConfig) -> str | None:
+    """The line saying which calibration is in force when ``gates`` are the tiny or toy preset's defaults."""
+    defaults = {"tiny": (TINY_GATES, TINY_GATES_NOTE), "toy": (TOY_GATES, TOY_GATES_NOTE)}.get(str(preset))
+    return defaults[1] if defaults is not None and gates == defaults[0] else None
 
 
 def gates_for(preset: str, **given: Any) -> tuple[GateConfig, str | None]:
@@ -139,9 +155,10 @@ def gates_for(preset: str, **given: Any) -> tuple[GateConfig, str | None]:
     gates = replace(default_gates(preset), **chosen)
     if str(preset) not in SMALL_PRESETS:
         return gates, None
+    note = TOY_GATES_NOTE if str(preset) == "toy" else TINY_GATES_NOTE
     if not chosen:
-        return gates, TINY_GATES_NOTE
-    return gates, f"{TINY_GATES_NOTE} (except {', '.join(sorted(chosen))}, given)"
+        return gates, note
+    return gates, f"{note} (except {', '.join(sorted(chosen))}, given)"
 
 
 @dataclass(frozen=True)
@@ -377,11 +394,19 @@ class Annotator:
             factories["ap10k"] = lambda: VitPoseKeypoints(
                 keypoints.animal_pose, device=device, layout="ap10k",
                 dataset_index=pose_dataset_index(keypoints.animal_pose, keypoints.animal_dataset_index))
+        if str(preset) == "toy":  # the toy world's reader finds and masks its subjects; colour carries keypoints
+            from .keypoints import ColourFeatures
+            from .toy_annotators import ToyDetector, ToyMasker
+
+            detector, masker, features = ToyDetector(), ToyMasker(), ColourFeatures()
+        else:
+            detector, masker = OwlDetector(refs.detector, device=device), SamMasker(refs.masker, device=device)
+            features = Dinov2Features(refs.features, device=device,
+                                      size=feature_size or (TINY_FEATURE_SIZE if str(preset) in SMALL_PRESETS else 448))
         return cls(
-            detector=OwlDetector(refs.detector, device=device),
-            masker=SamMasker(refs.masker, device=device),
-            features=Dinov2Features(refs.features, device=device,
-                                    size=feature_size or (TINY_FEATURE_SIZE if str(preset) in SMALL_PRESETS else 448)),
+            detector=detector,
+            masker=masker,
+            features=features,
             pose_factories=factories,
             captioner=Captioner(refs.captioner, device=device) if caption else None,
             scorer=scorer,
