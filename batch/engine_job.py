@@ -31,7 +31,7 @@ from typing import Any
 from dreamrelation.engine.gates import calibration_note, resolve_keypoints
 from dreamrelation.train.data import LAYOUTS_KEY
 from manifests import storage
-from manifests.engine_outcome import EngineOutcome, read_outcomes, write_outcomes
+from manifests.engine_outcome import DROPPED_FILE, SUMMARY_FILE, EngineOutcome, read_outcomes, write_outcomes
 from manifests.relation_spec import expand_specs, read_relation_specs
 from manifests.runtime import ray_init_args
 from manifests.triplets import TRIPLET_FILE, write_triplets
@@ -40,8 +40,6 @@ from .engine_worker import OUTCOMES_DIR, EngineConfig
 
 logger = logging.getLogger(__name__)
 
-DROPPED_FILE = "dropped.parquet"
-SUMMARY_FILE = "engine.json"
 EXECUTORS = ("ray", "local")
 ERROR_REASONS = ("generation_error", "annotation_error")  # failures, not quality decisions: --retry-errors reruns them
 

@@ -24,14 +24,12 @@ import pyarrow as pa
 
 from dreamrelation.toy import oracle
 from manifests import storage
-from manifests.engine_outcome import read_outcomes
+from manifests.engine_outcome import DROPPED_FILE, SUMMARY_FILE, read_outcomes
 from manifests.io import read_manifest, write_table
 from manifests.ledger import ledger_records
 from manifests.run_record import read_run_json
 
 from .toy_oracle import open_image, question_of, toy_question
-
-ENGINE_SUMMARY = "engine.json"  # == batch.engine_job.SUMMARY_FILE (not imported: that module starts Ray work)
 
 ORACLE_FILE = "oracle.parquet"
 SCHEMA = pa.schema([("row_id", pa.string()), ("k", pa.int32()), ("attempt", pa.int32()), ("final", pa.bool_()),
@@ -110,16 +108,16 @@ def judge_engine(output: str) -> dict[str, Any]:
     from .engine_worker import sample_uri
 
     output = storage.absolute(output).rstrip("/")
-    summary_uri = storage.join(output, ENGINE_SUMMARY)
+    summary_uri = storage.join(output, SUMMARY_FILE)
     if not storage.exists(summary_uri):
-        raise ValueError(f"{output}: no {ENGINE_SUMMARY} (is it a `data generate` output?)")
+        raise ValueError(f"{output}: no {SUMMARY_FILE} (is it a `data generate` output?)")
     spec = json.loads(storage.read_bytes(summary_uri)).get("spec")
     samples = {s.sample_id: s for s in expand_specs(read_relation_specs(spec))}
     targets: list[tuple[str, str, str | None]] = []  # (sample id, status, reason)
     triplets_uri = storage.join(output, TRIPLET_FILE)
     if storage.exists(triplets_uri):
         targets += [(t.triplet_id, "made", None) for t in read_triplets(triplets_uri)[0]]
-    dropped_uri = storage.join(output, "dropped.parquet")
+    dropped_uri = storage.join(output, DROPPED_FILE)
     if storage.exists(dropped_uri):
         targets += [(o.sample_id, "dropped", o.reason) for o in read_outcomes(dropped_uri)
                     if o.stage != "generate"]
@@ -152,4 +150,3 @@ def judge_engine(output: str) -> dict[str, Any]:
     return {**{name: oracle.rates(v) if v else None for name, v in verdicts.items()},
             "dropped_by_reason": {r: oracle.rates(v) for r, v in sorted(by_reason.items())},
             "skipped": skipped, "file": storage.join(output, ORACLE_FILE)}
-

@@ -22,7 +22,10 @@ from manifests.io import conform, normalize_record, read_table, write_table
 from manifests.schema import Float, Rejection, check_key
 from manifests.triplets import TripletRow
 
-__all__ = ["ENGINE_OUTCOME_SCHEMA", "EngineOutcome", "read_outcomes", "write_outcomes"]
+__all__ = ["DROPPED_FILE", "ENGINE_OUTCOME_SCHEMA", "EngineOutcome", "SUMMARY_FILE", "read_outcomes", "write_outcomes"]
+
+DROPPED_FILE = "dropped.parquet"  # {output}/ of a data engine run: the dropped samples' outcomes
+SUMMARY_FILE = "engine.json"  # {output}/ of a data engine run: its summary (spec, counts, gates)
 
 _REASON = re.compile(r"[a-z][a-z0-9_]{0,63}\Z")
 

@@ -129,33 +129,34 @@ TINY_GATES_NOTE = "gates calibrated for the tiny annotators (random weights)"
 TOY_GATES = replace(TINY_GATES, detection_threshold=0.5, max_instances=1, max_subject_iou=0.8)
 TOY_GATES_NOTE = ("gates calibrated for the toy annotators (the toy world's reader finds and masks the subjects; "
                   "keypoint confidence, DINO and CLIP-R are measured, not gated)")
+_PRESET_GATES = {"tiny": (TINY_GATES, TINY_GATES_NOTE), "toy": (TOY_GATES, TOY_GATES_NOTE)}
 
 
 def default_gates(preset: str, metrics: bool = True) -> GateConfig:
     """The gates a run uses unless told otherwise: :data:`TINY_GATES` for ``"tiny"``, :data:`TOY_GATES` for
     ``"toy"``, :class:`GateConfig`'s defaults else; without metric models (``metrics=False``) the CLIP-R and
     copy-paste gates are off."""
-    gates = {"tiny": TINY_GATES, "toy": TOY_GATES}.get(str(preset), GateConfig())
+    gates = _PRESET_GATES[str(preset)][0] if str(preset) in _PRESET_GATES else GateConfig()
     return gates if metrics else replace(gates, min_clip_r=None, max_copy_paste_dino=None)
 
 
 def calibration_note(preset: str, gates: GateConfig) -> str | None:
     """The line saying which calibration is in force when ``gates`` are the tiny or toy preset's defaults."""
-    defaults = {"tiny": (TINY_GATES, TINY_GATES_NOTE), "toy": (TOY_GATES, TOY_GATES_NOTE)}.get(str(preset))
+    defaults = _PRESET_GATES.get(str(preset))
     return defaults[1] if defaults is not None and gates == defaults[0] else None
 
 
 def gates_for(preset: str, **given: Any) -> tuple[GateConfig, str | None]:
     """The preset's gates (:func:`default_gates`) with the ``given`` fields that are not None put in, and the line
-    to tell the user when the tiny preset's calibration is in force (None otherwise)."""
+    to tell the user when the tiny or toy preset's calibration is in force (None otherwise)."""
     unknown = sorted(set(given) - set(GateConfig.__dataclass_fields__))
     if unknown:
         raise ValueError(f"unknown gate fields {unknown}; gates are {sorted(GateConfig.__dataclass_fields__)}")
     chosen = {k: v for k, v in given.items() if v is not None}
     gates = replace(default_gates(preset), **chosen)
-    if str(preset) not in SMALL_PRESETS:
+    if str(preset) not in _PRESET_GATES:
         return gates, None
-    note = TOY_GATES_NOTE if str(preset) == "toy" else TINY_GATES_NOTE
+    note = _PRESET_GATES[str(preset)][1]
     if not chosen:
         return gates, note
     return gates, f"{note} (except {', '.join(sorted(chosen))}, given)"
