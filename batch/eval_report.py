@@ -20,7 +20,7 @@ from manifests.relationbench import KINDS, case_kind, relation_sort_key
 from manifests.schema import GenerationRow
 
 from .evaluate import ALL_METRICS, METRICS, ORACLE_METRICS, RELATIONBENCH
-from .report import preset_banner, render_report
+from .report import preset_banner, preset_note, render_report
 
 LABELS = {"clip_t": "CLIP-T", "clip_r": "CLIP-R", "clip_i": "CLIP-I", "dino": "DINO",
           "oracle_identity": "Identity %", "oracle_relation": "Relation %"}
@@ -56,11 +56,13 @@ def _index(cells: Sequence[dict[str, Any]], *fields: str) -> dict[tuple, dict[st
 
 
 def tables_markdown(cells: Sequence[dict[str, Any]], configs: Sequence[str], counts: dict[str, dict[str, dict]],
-                    without_lora: dict[str, list[str]] | None = None, benchmark: str | None = None) -> str:
+                    without_lora: dict[str, list[str]] | None = None, benchmark: str | None = None,
+                    preset: str | None = None) -> str:
     """The Table 2 layout: one row per configuration; per kind (single | multi) CLIP-T, CLIP-R, CLIP-I, DINO (then
     the oracle's Identity % and Relation % when the cells have them) as ``mean [95% CI]`` and the number of images;
     the best mean of each column in bold when one configuration is ahead (a tie bolds nothing). ``benchmark``
-    (``batch.evaluate.benchmark``) names the cases in the title when they are not RelationBench's."""
+    (``batch.evaluate.benchmark``) names the cases in the title when they are not RelationBench's; a miniature
+    ``preset`` adds what its scores mean (:func:`batch.report.preset_note`)."""
     index = _index(cells, "config", "kind", "metric")
     kinds = [k for k in KINDS if any(c["kind"] == k for c in cells)]
     metrics = _metrics(cells)
@@ -99,6 +101,8 @@ def tables_markdown(cells: Sequence[dict[str, Any]], configs: Sequence[str], cou
         notes.append(f"- {conf}: " + "; ".join(parts))
     for conf, relations in (without_lora or {}).items():
         notes.append(f"- {conf}: ran without a LoRA for {', '.join(relations)} (--allow-missing)")
+    if preset_note(preset, "evaluation"):
+        notes += ["", preset_note(preset, "evaluation")]
     return f"# {_title(benchmark)}\n\n" + "\n".join(lines + notes) + "\n"
 
 
@@ -231,7 +235,7 @@ def write_reports(output: str, *, configs: Sequence[str], cases: Sequence[Genera
     under ``output``; returns {name: URI}. ``records`` (``batch.evaluate.image_records``) put the oracle's verdicts
     in the gallery; ``benchmark`` names the cases in the titles."""
     files = {
-        "tables.md": tables_markdown(cells, configs, counts, without_lora, benchmark).encode(),
+        "tables.md": tables_markdown(cells, configs, counts, without_lora, benchmark, preset).encode(),
         "tables.csv": _csv(cells, CSV_COLUMNS).encode(),
         "per_relation.md": per_relation_markdown(per_relation, configs, benchmark).encode(),
         "per_relation.csv": _csv(per_relation, RELATION_COLUMNS).encode(),

@@ -17,16 +17,25 @@ METRICS = ("clip_t", "clip_r", "clip_i", "clip_i_crop", "dino")
 REPORT_ROWS = 2000  # rows shown in report.html: a gallery, not a dump of a million-row run
 
 
-def preset_banner(preset: str | None, what: str) -> str:
-    """The warning a report of a miniature preset's ``what`` ("job", "evaluation") opens with ("" for others)."""
+def preset_note(preset: str | None, what: str) -> str:
+    """What a miniature preset's scores of a ``what`` ("job", "evaluation") mean, in words ("" for others)."""
     if preset == "tiny":
-        return ("<p class=\"warn\"><b>Preset 'tiny'</b>: random miniature weights. These images are noise and their "
-                f"metrics say nothing about quality; they show that every step of the {what} ran.</p>")
+        return ("Preset 'tiny': random miniature weights. These images are noise and their metrics say nothing about "
+                f"quality; they show that every step of the {what} ran.")
     if preset == "toy":
-        return ("<p class=\"warn\"><b>Preset 'toy'</b>: a miniature model trained on the toy world (coloured shapes "
-                "at 64 px, <code>dreamrelation.toy</code>). Its CLIP scores come from a CLIP trained on that world and "
-                "its DINO scores from a random DINO; what its oracle measured is in the preset's card.json.</p>")
+        return ("Preset 'toy': a miniature model trained on the toy world (coloured shapes at 64 px, "
+                "dreamrelation.toy). Its CLIP scores come from a CLIP trained on that world and its DINO scores from a "
+                "random DINO (they mean nothing); what its oracle measured is in the preset's card.json.")
     return ""
+
+
+def preset_banner(preset: str | None, what: str) -> str:
+    """The warning a report of a miniature preset's ``what`` opens with (:func:`preset_note` as HTML; "" for others)."""
+    note = preset_note(preset, what)
+    if not note:
+        return ""
+    name, rest = note.split(": ", 1)
+    return f'<p class="warn"><b>{html.escape(name)}</b>: {html.escape(rest)}</p>'
 
 
 def load_run(output: str, limit: int | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:

@@ -200,6 +200,11 @@ def test_aggregation_of_crafted_results():
     tied = [dict(c, mean=0.0, ci_low=0.0, ci_high=0.0) for c in cells if c["metric"] == "clip_t"]
     assert "**" not in tables_markdown(tied, ["base", "lora"], counts)
     assert "base: single 2/3 ok, 1 error, 0 without result; multi 1/2 ok, 0 error, 1 without result" in table
+    # a miniature preset says what its scores mean, under the table; a real one adds nothing
+    assert "Preset" not in table and tables_markdown(cells, ["base", "lora"], counts, preset="sdxl") == table
+    toy = tables_markdown(cells, ["base", "lora"], counts, preset="toy")
+    assert toy.startswith(table) and toy.rstrip().endswith("card.json.") and "random DINO (they mean nothing)" in toy
+    assert "These images are noise" in tables_markdown(cells, ["base", "lora"], counts, preset="tiny")
 
 
 def test_href_is_relative_where_it_can_be():
