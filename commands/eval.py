@@ -178,8 +178,22 @@ def eval_toy_paper(
         resolve_spec(preset)
     except (ValueError, FileNotFoundError) as exc:
         fail(f"--preset: {exc}")
+    bars: dict[str, tuple] = {}
+
+    def lora_step(name: str, step: int, total: int) -> None:  # a bar per LoRA, closed at its last step
+        if name not in bars:
+            bars[name] = progress_bar("step", f"{name}: LoRA")
+        bar, advance = bars[name]
+        advance(step, total)
+        if step == total:
+            bar.close()
+
     try:
-        run_paper(preset, output, settings, names, progress=lambda line: typer.echo(line, err=True))
+        run_paper(preset, output, settings, names, progress=lambda line: typer.echo(line, err=True),
+                  on_step=lora_step)
     except ValueError as exc:
         fail(str(exc))
+    finally:
+        for bar, _ in bars.values():
+            bar.close()
     typer.echo((output / "paper_in_miniature.md").read_text())

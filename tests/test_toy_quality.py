@@ -102,6 +102,7 @@ def test_the_readme_toy_paper_line(runner, tmp_path, monkeypatch):
     table = (tmp_path / args[2] / "paper_in_miniature.md").read_text()
     assert "held-out relation `on_top_of` on preset `toy`" in table and "| lora_kml | yes | yes |" in table
     assert table in result.output
+    assert "lora_kml: LoRA: 100%" in result.output and "1/1" in result.output  # the LoRA's step bar, to its end
 
 
 @pytest.mark.slow

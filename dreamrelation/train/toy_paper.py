@@ -76,11 +76,12 @@ def _lora_name(relation: str, config: str) -> str:
 
 def run_paper(preset: str, output: str | Path, settings: PaperSettings = PaperSettings(),
               configs: tuple[str, ...] = tuple(CONFIGS), held_out: str | None = None,
-              progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+              progress: Callable[[str], None] | None = None,
+              on_step: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
     """Train the LoRAs of ``configs`` on ``settings.triplets`` triplets of the preset's held-out relation (its
     ``card.json``, or ``held_out``), generate ``settings.cases`` held-out cases with each configuration and judge
     them; writes ``{output}/paper_in_miniature.{md,json}`` and each LoRA under ``{output}/loras/``. Returns the
-    JSON's content."""
+    JSON's content. ``progress(line)`` hears each stage; ``on_step(config, step, steps)`` each LoRA step."""
     from ..model.config import TrainConfig
     from ..model.presets import load_pipeline, resolve_spec
     from .toy_model import TOY_SIZE, measure
@@ -115,7 +116,9 @@ def run_paper(preset: str, output: str | Path, settings: PaperSettings = PaperSe
                                  profile=profile, checkpoint_every=settings.steps, seed=settings.seed,
                                  use_local_tokens=local, kml_weight=settings.kml_weight)
             say(f"{name}: training the LoRA ({settings.steps} steps x {settings.batch_size})")
-            train_relation_lora(pipe, examples, config, output / "loras" / name, base_model=str(preset))
+            step_done = None if on_step is None else (lambda step, _parts, n=name: on_step(n, step, settings.steps))
+            train_relation_lora(pipe, examples, config, output / "loras" / name, callback=step_done,
+                                base_model=str(preset))
         say(f"{name}: generating {settings.cases} held-out cases")
         measured = measure(pipe, [relation], settings.cases, seed=settings.seed + 2, adapter=True,
                            steps=settings.sampling_steps, guidance=settings.guidance, relation=lora,
