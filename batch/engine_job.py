@@ -110,6 +110,8 @@ def run(config: EngineJobConfig, progress: Callable[[int, int], None] | None = N
     ``progress(done, total)`` is called as outcomes arrive (total: the samples this run processes).
     """
     t_start = time.perf_counter()
+    # user paths as absolute URIs: they cross into Ray, and engine.json names them for `data judge` from anywhere
+    config = replace(config, spec=storage.absolute(config.spec), output=storage.absolute(config.output))
     out = config.output
     engine = config.engine_config()
     # 1. plan on the driver: a bad spec fails here, before Ray starts or a model loads (ids are unique: a relation

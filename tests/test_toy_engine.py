@@ -4,6 +4,7 @@ the oracle on an engine output: do the gates keep the targets that show their su
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -153,6 +154,15 @@ def test_the_readme_toy_engine_run_keeps_what_the_oracle_finds_better(runner, tm
         for subject in row.subjects:
             found = reading.subjects[Identity.parse(subject.phrase).colour]
             assert _iou(subject.box, found.box) > 0.99
+    # engine.json names the spec and output as absolute paths: judged again from another folder, the same verdicts
+    summary = json.loads((out / "engine.json").read_text())
+    assert summary["spec"] == str(tmp_path / "outputs" / "toy-spec" / "relation_spec.yaml")
+    assert summary["output"] == str(out)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    again = invoke(runner, "data", "judge", "../outputs/toy-engine")
+    assert again.exit_code == 0, again.output
+    assert read_table(str(out / "oracle.parquet")).to_pylist() == table
     # not an engine output: one line naming the folder
     other = invoke(runner, "data", "judge", tmp_path)
     assert other.exit_code == 2 and f"{tmp_path}: no engine.json" in other.output
